@@ -1,0 +1,21 @@
+"""Errors a user can fix. The CLI prints their one line and exits with `exit_code`."""
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, no traceback."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config file, key or value that cannot be used; the message names file, key and value."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is damaged or does not match the run."""
+
+
+class NonFiniteLossError(Exception):
+    """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
+
+    exit_code = 3

@@ -1,0 +1,93 @@
+"""build_optimizer: route every trainable tensor to exactly one optimizer group.
+
+Groups: the model's matrices at `train.lr` with weight decay; embeddings and lm_head at
+`train.lr_other` with weight decay (marked `embedding`: 32-bit state under adamw8bit); norms
+and biases without decay (norms at lr_other). Projected and quantized tensors join here when
+their methods land; the loop never sees the routing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowrank_train.config import RunConfig
+from lowrank_train.optim.base import OPTIMIZERS
+from lowrank_train.optim.multi import MultiOptimizer
+
+log = logging.getLogger(__name__)
+
+NORM_TYPES = ("RMSNorm", "LayerNorm")
+
+
+@dataclass(frozen=True)
+class Role:
+    other: bool  # embeddings, norms, lm_head: lr_other
+    decay: bool
+    embedding: bool
+
+
+def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, Role]]:
+    """name -> (parameter, role) for every trainable parameter, by the module that owns it."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    roles = {}
+    for mod_name, module in model.named_modules():
+        is_embedding = isinstance(module, nn.Embedding) or module is out_emb
+        is_norm = type(module).__name__.endswith(NORM_TYPES)
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            roles[full] = (p, Role(other=is_embedding or is_norm, decay=p.ndim >= 2, embedding=is_embedding))
+    return roles
+
+
+def build_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
+    lr_other = cfg.train.lr_other or cfg.train.lr
+    buckets: dict[Role, list[tuple[str, nn.Parameter]]] = {}
+    for name, (p, role) in parameter_roles(model).items():
+        buckets.setdefault(role, []).append((name, p))
+    groups = []
+    for role, named in sorted(buckets.items(), key=lambda kv: (kv[0].other, kv[0].embedding, not kv[0].decay)):
+        label = ("embeddings" if role.embedding else "norms" if role.other else "matrices") + ("" if role.decay else "_no_decay")
+        groups.append({
+            "name": label,
+            "params": [p for _, p in named],
+            "param_names": [n for n, _ in named],
+            "lr": lr_other if role.other else cfg.train.lr,
+            "weight_decay": cfg.optim.weight_decay if role.decay else 0.0,
+            "embedding": role.embedding,
+        })
+    return groups
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> MultiOptimizer:
+    """The run's optimizer; logs what each inner optimizer owns and checks ownership."""
+    groups = build_groups(model, cfg)
+    inner = OPTIMIZERS.get(cfg.optim.name)().build(groups, cfg.optim, device)
+    optimizer = MultiOptimizer(inner)
+    for name, opt in inner.items():
+        params = [p for g in opt.param_groups for p in g["params"]]
+        log.info("optimizer %s owns %d tensors (%s parameters): %s", name, len(params),
+                 f"{sum(p.numel() for p in params):,}", ", ".join(f"{g['name']} {len(g['params'])}" for g in opt.param_groups))
+    check_ownership(model, optimizer)
+    return optimizer
+
+
+def check_ownership(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every trainable tensor is owned by exactly one optimizer group; raises otherwise.
+
+    The peers' silent failure: a parameter no optimizer owns never updates, and nothing says so.
+    """
+    owned = Counter(id(p) for g in optimizer.param_groups for p in g["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and owned[id(p)] == 0]
+    twice = [names.get(i, "?") for i, c in owned.items() if c > 1]
+    foreign = [i for i in owned if i not in names]
+    if missing or twice or foreign:
+        raise RuntimeError(f"optimizer ownership broken: not owned {missing[:5]}, owned twice {twice[:5]}, "
+                           f"{len(foreign)} tensors not in the model")

@@ -1,0 +1,122 @@
+"""The weight plug point: how a targeted Linear's weight is stored and trained.
+
+A `Parameterization` turns one materialised fp32 `nn.Linear` into a `ParameterizedLinear`
+(`convert`), once per targeted layer, while the rest of the model still sits on the meta
+device, so no dense copy of the whole model ever exists. The trainer only calls the methods of
+`ParameterizedLinear`; it never asks which method it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_train.registry import Registry
+from lowrank_train.seeding import generator
+
+if TYPE_CHECKING:
+    from lowrank_train.config import RunConfig
+
+
+class Writer(Protocol):
+    """Applies an optimizer update to a quantized tensor in one pass:
+    W <- SR(deq(W) - lr * (update + wd * deq(W)))."""
+
+    def write(self, update: Tensor, lr: float, wd: float, step: int) -> None: ...
+
+
+class ParameterizedLinear(nn.Module):
+    """A Linear layer y = x W^T (+ b), W of shape (out_features, in_features), stored its own way."""
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> Tensor:
+        """W as one (out, in) tensor, for export and tests; one layer at a time."""
+        raise NotImplementedError
+
+    def projectable(self) -> dict[str, nn.Parameter]:
+        """2-D parameters a gradient projector may act on (by attribute name)."""
+        return {}
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of every tensor this layer stores, by name (parameters and buffers)."""
+        tensors = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Periodic events after an optimizer step (e.g. a merge); none by default."""
+
+    def writers(self) -> dict[str, Writer]:
+        """Quantized tensors and how to write updates into them; none by default."""
+        return {}
+
+
+class Parameterization:
+    """Base of the registered weight parameterizations. Subclasses set `name` and `Config`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    quantized: ClassVar[bool] = False  # its layers train through writers (lowrank-train's own Adam)
+
+    def __init__(self, options: object | None = None):
+        self.options = options if options is not None else self.Config()
+
+    def convert(self, linear: nn.Linear, name: str, gen: torch.Generator) -> ParameterizedLinear:
+        """The parameterized layer replacing `linear` (fp32, dense init already drawn)."""
+        raise NotImplementedError
+
+    def validate(self, cfg: RunConfig) -> None:
+        """Raise a one-line ConfigError for combinations this method cannot run."""
+
+
+PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
+
+
+def init_linear_(linear: nn.Linear, gen: torch.Generator, std: float) -> None:
+    """The dense init: W ~ N(0, std^2) (LLaMA's initializer_range), bias 0."""
+    with torch.no_grad():
+        linear.weight.normal_(0.0, std, generator=gen)
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
+def targeted_linears(model: nn.Module, target: list[str]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(full name, parent module, attribute, Linear) for every Linear whose attribute is in `target`."""
+    for parent_name, parent in list(model.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if attr in target and isinstance(child, nn.Linear):
+                full = f"{parent_name}.{attr}" if parent_name else attr
+                yield full, parent, attr, child
+
+
+def swap_linears(
+    model: nn.Module,
+    parameterization: Parameterization,
+    target: list[str],
+    seed: int,
+    std: float,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int:
+    """Replace each targeted meta-device Linear by `parameterization.convert` of a materialised copy.
+
+    Layer by layer: the fp32 Linear exists for one layer at a time, its init drawn on the CPU
+    from a generator seeded by (seed, layer name), so every device, rank and method sees the same
+    dense init. Floating tensors of the result are cast to the run's dtype. Returns the count.
+    """
+    count = 0
+    for full, parent, attr, meta_linear in targeted_linears(model, target):
+        linear = nn.Linear(meta_linear.in_features, meta_linear.out_features,
+                           bias=meta_linear.bias is not None, dtype=torch.float32)
+        init_linear_(linear, generator(seed, full), std)
+        layer = parameterization.convert(linear, full, generator(seed, full, "method"))
+        setattr(parent, attr, layer.to(device=device, dtype=dtype))
+        count += 1
+    if count == 0:
+        raise ValueError(f"no Linear named {target} in the model")
+    return count
+

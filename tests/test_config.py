@@ -1,0 +1,143 @@
+"""Config: composition, precedence, casting, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowrank_train.cli import main
+from lowrank_train.config import RunConfig, dump_yaml, load_config
+from lowrank_train.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data: dict | str) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def run_file(tmp_path: Path) -> Path:
+    return write(tmp_path / "run.yaml", {"train": {"steps": 10}})
+
+
+def error_of(path: Path, overrides: list[str] = ()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_defaults_and_name(run_file):
+    cfg, _ = load_config(run_file)
+    assert cfg.name == "run" and cfg.train.steps == 10 and cfg.model.preset == "llama_20m"
+    assert cfg.run_dir == Path("runs/run")
+
+
+def test_precedence_defaults_include_file_cli(tmp_path):
+    write(tmp_path / "a.yaml", {"train": {"lr": 0.1, "batch_size": 4}, "model": {"seq_len": 64}})
+    write(tmp_path / "b.yaml", {"train": {"lr": 0.2}})
+    run = write(tmp_path / "run.yaml", {"include": ["a.yaml", "b.yaml"], "train": {"steps": 5, "batch_size": 6}})
+    cfg, sources = load_config(run, ["model.seq_len=32"])
+    assert cfg.train.lr == 0.2  # later include wins over earlier
+    assert cfg.train.batch_size == 6  # run file wins over includes
+    assert cfg.model.seq_len == 32  # CLI wins over everything
+    assert cfg.train.grad_accum == 1  # default
+    assert sources["train.lr"].endswith("b.yaml") and sources["model.seq_len"] == "command line"
+
+
+def test_overrides_cast_to_field_type(run_file):
+    cfg, _ = load_config(run_file, ["train.lr=3e-4", "train.tokens=0", "optim.betas=[0.9,0.95]",
+                                    "model.gradient_checkpointing=true", "weights.target=q_proj,v_proj",
+                                    "train.seed=1_000"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.model.gradient_checkpointing is True
+    assert cfg.weights.target == ["q_proj", "v_proj"]
+    assert cfg.train.seed == 1000
+
+
+def test_tokens_as_float_literal(tmp_path):
+    cfg, _ = load_config(write(tmp_path / "r.yaml", "train:\n  tokens: 1e6\n"))
+    assert cfg.train.tokens == 1_000_000 and cfg.train.steps == 0
+
+
+@pytest.mark.parametrize("data, overrides, expected", [
+    ({"train": {"steps": 10, "lrr": 1}}, [], "train.lrr: unknown key (did you mean lr?)"),
+    ({"train": {"steps": 10}, "optim": {"projector": {"rnak": 4}}}, [], "optim.projector.rnak: unknown key of none (did you mean rank?)"),
+    ({"train": {"steps": 10}}, ["train.lr=abc"], "train.lr: 'abc' is not float"),
+    ({"train": {"steps": 10}}, ["train.steps=1.5"], "train.steps: 1.5 is not int"),
+    ({"train": {"steps": 10}}, ["model.preset=llama_21m"], "model.preset: 'llama_21m' is not one of"),
+    ({"train": {"steps": 10}}, ["weights.name=sltrian"], "weights.name: unknown parameterization 'sltrian'"),
+    ({"train": {"steps": 10}}, ["optim.name=adam8bit"], "optim.name: unknown optimizer 'adam8bit'"),
+    ({"train": {"steps": 10, "tokens": 100}}, [], "are both set; set exactly one"),
+    ({"train": {}}, [], "set exactly one of train.steps and train.tokens"),
+    ({"train": {"steps": 10, "warmup_ratio": 1.0}}, [], "train.warmup_ratio: 1.0 is outside [0, 1)"),
+    ({"train": {"steps": 10, "batch_size": 0}}, [], "train.batch_size: 0 is below the minimum 1"),
+    ({"train": {"steps": 10}}, ["train.compile=yes please"], "train.compile: 'yes please' is not a bool"),
+    ({"train": {"steps": 10}}, ["trainlr"], "an override is key=value"),
+    ({"train": {"steps": 10}}, ["train=3"], "train: is a section; give keys under it, not 3"),
+    ({"train": {"steps": 10}}, ["weights.target=q_prj"], "weights.target: 'q_prj' is not one of"),
+    ({"train": {"steps": 10}}, ["optim.projector.rank=64"], "optim.projector.rank: 64 is set but optim.projector.name is none"),
+    ({"train": {"steps": 10}}, ["optim.state_dtype=int8"], "optim.state_dtype: int8 has no effect"),
+    ({"train": {"steps": 10}}, ["optim.per_layer=true"], "optim.per_layer: true is not available yet"),
+    ({"train": {"steps": 10}}, ["data.vocab_size=512", "data.tokenizer=gpt2"], "data.vocab_size: 512 applies only to data.tokenizer=bpe"),
+])
+def test_errors_are_one_line_naming_file_key_value(tmp_path, data, overrides, expected):
+    path = write(tmp_path / "bad.yaml", data)
+    message = error_of(path, overrides)
+    assert expected in message, message
+    source = "command line" if overrides and "command line" in message else str(path)
+    assert message.startswith(source), message
+
+
+def test_error_names_the_included_file_that_set_the_key(tmp_path):
+    inc = write(tmp_path / "frag.yaml", {"optim": {"weight_decay": -1}})
+    run = write(tmp_path / "run.yaml", {"include": ["frag.yaml"], "train": {"steps": 3}})
+    assert error_of(run).startswith(f"{inc}: optim.weight_decay: -1.0 must be >= 0")
+
+
+def test_missing_file_bad_yaml_and_include_cycle(tmp_path):
+    assert "not found" in error_of(tmp_path / "nope.yaml")
+    assert "not valid YAML" in error_of(write(tmp_path / "broken.yaml", "train: [1,\n"))
+    write(tmp_path / "x.yaml", {"include": ["y.yaml"]})
+    y = write(tmp_path / "y.yaml", {"include": ["x.yaml"]})
+    assert "includes itself" in error_of(y)
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["train.lrr=1"], "train.lrr: unknown key"),
+    (["train.tokens=5"], "both set"),
+    (["model.preset=llama_3b"], "model.preset"),
+])
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, run_file, argv, key):
+    code = main(["train", str(run_file), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err
+
+
+def test_resolved_config_round_trips(run_file, tmp_path):
+    cfg, _ = load_config(run_file, ["train.lr=5e-4", "optim.betas=[0.9,0.95]"])
+    again, _ = load_config(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
+    assert again == cfg
+    assert isinstance(cfg, RunConfig)
+
+
+def test_every_shipped_config_loads():
+    runs = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
+    assert runs, "configs/runs is empty"
+    for path in runs:
+        load_config(path)
+    for fragment in sorted((ROOT / "configs").glob("*/*.yaml")):
+        if fragment.parent.name in ("methods", "models"):
+            run = fragment.parent.parent / "_probe.yaml"
+            try:
+                run.write_text(yaml.safe_dump({"include": [str(fragment)], "train": {"steps": 10}}))
+                load_config(run)
+            finally:
+                run.unlink()
