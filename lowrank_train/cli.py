@@ -48,14 +48,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(cfg, resume=args.resume)
     if rank == 0 and result.progress.step == result.summary["total_steps"] and args.samples:
-        for text in generate_samples(result.model, result.data.tokenizer_path, SAMPLE_PROMPTS, args.samples,
-                                     cfg.train.seed):
+        for text in generate_samples(
+            result.model, result.data.tokenizer_path, SAMPLE_PROMPTS, args.samples, cfg.train.seed
+        ):
             log.info("sample: %s", " ".join(text.split()))
     if rank == 0:
         s = result.summary
-        log.info("done: %d steps, %s tokens, val_loss %.4f (ppl %.2f), %.0f tok/s, peak %.2f GiB, %s",
-                 s["step"], f"{s['tokens']:,}", s["final_val_loss"], s["final_val_ppl"], s["tok_s"], s["peak_gib"],
-                 result.run_dir)
+        log.info(
+            "done: %d steps, %s tokens, val_loss %.4f (ppl %.2f), %.0f tok/s, peak %.2f GiB, %s",
+            s["step"],
+            f"{s['tokens']:,}",
+            s["final_val_loss"],
+            s["final_val_ppl"],
+            s["tok_s"],
+            s["peak_gib"],
+            result.run_dir,
+        )
     return 0
 
 
@@ -64,8 +72,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from lowrank_train.parameterizations import PARAMETERIZATIONS
     from lowrank_train.projectors import PROJECTORS
 
-    rows = [("parameterizations (weights.name)", PARAMETERIZATIONS), ("projectors (optim.projector.name)", PROJECTORS),
-            ("optimizers (optim.name)", OPTIMIZERS)]
+    rows = [
+        ("parameterizations (weights.name)", PARAMETERIZATIONS),
+        ("projectors (optim.projector.name)", PROJECTORS),
+        ("optimizers (optim.name)", OPTIMIZERS),
+    ]
     for title, registry in rows:
         print(f"{title}:")
         for cls in registry:
@@ -91,14 +102,32 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) a run from a YAML config")
     t.add_argument("config", help="run config, e.g. configs/runs/quickstart.yaml")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=3e-4 model.preset=llama_60m")
-    t.add_argument("--resume", metavar="latest|DIR", help="resume from the newest valid checkpoint or a directory")
-    t.add_argument("--samples", type=int, default=48, metavar="N",
-                   help="tokens of generated text per prompt after a finished run (0 = none)")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. train.lr=3e-4 model.preset=llama_60m",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="latest|DIR",
+        help="resume from the newest valid checkpoint or a directory",
+    )
+    t.add_argument(
+        "--samples",
+        type=int,
+        default=48,
+        metavar="N",
+        help="tokens of generated text per prompt after a finished run (0 = none)",
+    )
     t.set_defaults(func=cmd_train)
-    m = sub.add_parser("methods", help="list the registered parameterizations, projectors and optimizers")
+    m = sub.add_parser(
+        "methods", help="list the registered parameterizations, projectors and optimizers"
+    )
     m.set_defaults(func=cmd_methods)
-    e = sub.add_parser("export", help="write a dense HF model and tokenizer from a run or checkpoint directory")
+    e = sub.add_parser(
+        "export", help="write a dense HF model and tokenizer from a run or checkpoint directory"
+    )
     e.add_argument("source", metavar="RUN_DIR|CKPT_DIR")
     e.add_argument("out_dir", metavar="OUT_DIR")
     e.set_defaults(func=cmd_export)
@@ -109,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parser().parse_args(argv)
+    p = parser()
+    # key=value overrides may follow options (`train x.yaml --resume latest train.lr=1e-3`); argparse
+    # has already closed the positional list by then, so they come back as unknown arguments.
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "train":
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except UserError as e:

@@ -53,22 +53,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = knob("embedded", "'embedded' (Wikipedia intros, Shakespeare, KJV) or a local file/folder")
+    corpus: str = knob(
+        "embedded", "'embedded' (Wikipedia intros, Shakespeare, KJV) or a local file/folder"
+    )
     text_field: str = knob("text", "the text column of jsonl/parquet corpora")
-    tokenizer: str = knob("bpe", "bpe (trained on the corpus) | gpt2 (shipped) | a tokenizer.json path")
+    tokenizer: str = knob(
+        "bpe", "bpe (trained on the corpus) | gpt2 (shipped) | a tokenizer.json path"
+    )
     vocab_size: int = knob(0, "bpe only; 0 = 8192 for llama_20m, 32000 for the paper presets")
     val_tokens: int = knob(131072, "held-out tokens, whole documents, fixed for a corpus")
     cache_dir: str = knob(".cache/lowrank_train", "where token caches are built")
-    cache: str = knob("", "read this token-cache directory directly (train.npy, val.npy, tokenizer.json)")
+    cache: str = knob(
+        "", "read this token-cache directory directly (train.npy, val.npy, tokenizer.json)"
+    )
 
 
 @dataclass
 class TrainConfig:
     steps: int = knob(0, "optimizer steps (set exactly one of steps and tokens)")
-    tokens: int = knob(0, "training tokens; steps = tokens / (batch_size * grad_accum * world * seq_len)")
+    tokens: int = knob(
+        0, "training tokens; steps = tokens / (batch_size * grad_accum * world * seq_len)"
+    )
     batch_size: int = knob(8, "sequences per micro-batch per process")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
-    stop_at: int = knob(0, "stop after this step without changing the schedule (0 = run to the end)")
+    stop_at: int = knob(
+        0, "stop after this step without changing the schedule (0 = run to the end)"
+    )
     lr: float = knob(1e-3, "peak learning rate")
     lr_other: float = knob(0.0, "peak lr of embeddings, norms and lm_head (0 = lr)")
     warmup_ratio: float = knob(0.1, "fraction of steps of linear warmup, in [0, 1)")
@@ -98,12 +108,16 @@ class LoggingConfig:
     every: int = knob(10, "progress line and metrics.jsonl every N steps (the loss is read then)")
     wandb: bool = knob(False, "log to Weights & Biases")
     wandb_project: str = knob("lowrank-train", "wandb project")
-    wandb_mode: Literal["offline", "online"] = knob("offline", "offline: sync later with `wandb sync`")
+    wandb_mode: Literal["offline", "online"] = knob(
+        "offline", "offline: sync later with `wandb sync`"
+    )
 
 
 @dataclass
 class MemoryConfig:
-    cap_gib: float = knob(24.0, "CUDA: cap the allocator at this less the context (0 = no cap); CPU: not enforced")
+    cap_gib: float = knob(
+        24.0, "CUDA: cap the allocator at this less the context (0 = no cap); CPU: not enforced"
+    )
 
 
 @dataclass
@@ -117,7 +131,9 @@ class MethodSection:
 @dataclass
 class WeightsConfig(MethodSection):
     name: str = knob("dense", "weight parameterization (lowrank-train methods)")
-    target: list[str] = knob(list(LINEAR_NAMES), "Linear layers (by attribute name) to parameterize")
+    target: list[str] = knob(
+        list(LINEAR_NAMES), "Linear layers (by attribute name) to parameterize"
+    )
     method: Any = None
 
 
@@ -189,7 +205,9 @@ def _read_yaml(path: Path, origin: str) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
@@ -217,7 +235,9 @@ def _compose(path: Path, merged: dict, sources: Sources, stack: tuple[Path, ...]
     for inc in includes:
         target = (path.parent / inc) if (path.parent / inc).is_file() else Path(inc)
         if not target.is_file():
-            raise ConfigError(f"{path}: include: {inc!r} not found (relative to {path.parent} or the working directory)")
+            raise ConfigError(
+                f"{path}: include: {inc!r} not found (relative to {path.parent} or the working directory)"
+            )
         if target.resolve() in {p.resolve() for p in stack + (path,)}:
             raise ConfigError(f"{path}: include: {inc!r} includes itself")
         _compose(target, merged, sources, stack + (path,))
@@ -241,7 +261,9 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part, {}), dict):
-            raise ConfigError(f"{CLI}: {'.'.join(parts[: i + 1])}: is a value, not a section ({key}={value!r})")
+            raise ConfigError(
+                f"{CLI}: {'.'.join(parts[: i + 1])}: is a value, not a section ({key}={value!r})"
+            )
         node = node.setdefault(part, {})
     node[parts[-1]] = value
 
@@ -266,7 +288,9 @@ def _cast(value: Any, tp: Any, where: str) -> Any:
         allowed = typing.get_args(tp)
         if value not in allowed:
             hint = suggest(str(value), [str(a) for a in allowed])
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}"
+            )
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -356,8 +380,12 @@ def _build(cls: type, data: dict, prefix: str, sources: Sources, run_file: str) 
         else:
             choices = sorted(own | method_keys)
             owner = f" of {data.get('name', cls.name)}" if method_cls else ""
-            raise ConfigError(f"{where}: unknown key{owner}{suggest(key, choices) or ' (known: ' + ', '.join(choices) + ')'}")
-    for key in own - kwargs.keys():  # absent sections still build, so method sections get their Config
+            raise ConfigError(
+                f"{where}: unknown key{owner}{suggest(key, choices) or ' (known: ' + ', '.join(choices) + ')'}"
+            )
+    for key in (
+        own - kwargs.keys()
+    ):  # absent sections still build, so method sections get their Config
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], {}, f"{prefix}{key}.", sources, run_file)
     obj = cls(**kwargs)
@@ -392,21 +420,35 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
     t = cfg.train
     if (t.steps > 0) == (t.tokens > 0):
         if t.steps > 0:
-            fail("train.tokens", f"train.steps={t.steps} and train.tokens={t.tokens} are both set; set exactly one")
+            fail(
+                "train.tokens",
+                f"train.steps={t.steps} and train.tokens={t.tokens} are both set; set exactly one",
+            )
         fail("train.steps", "set exactly one of train.steps and train.tokens (both are 0)")
     for key, value, low in [
-        ("train.steps", t.steps, 0), ("train.tokens", t.tokens, 0), ("train.stop_at", t.stop_at, 0),
-        ("train.warmup_steps", t.warmup_steps, 0), ("train.batch_size", t.batch_size, 1),
-        ("train.grad_accum", t.grad_accum, 1), ("model.seq_len", cfg.model.seq_len, 2),
-        ("eval.every", cfg.eval.every, 0), ("eval.max_tokens", cfg.eval.max_tokens, 0),
-        ("checkpoint.every", cfg.checkpoint.every, 0), ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
-        ("logging.every", cfg.logging.every, 1), ("data.val_tokens", cfg.data.val_tokens, 0),
+        ("train.steps", t.steps, 0),
+        ("train.tokens", t.tokens, 0),
+        ("train.stop_at", t.stop_at, 0),
+        ("train.warmup_steps", t.warmup_steps, 0),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("model.seq_len", cfg.model.seq_len, 2),
+        ("eval.every", cfg.eval.every, 0),
+        ("eval.max_tokens", cfg.eval.max_tokens, 0),
+        ("checkpoint.every", cfg.checkpoint.every, 0),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
+        ("logging.every", cfg.logging.every, 1),
+        ("data.val_tokens", cfg.data.val_tokens, 0),
         ("data.vocab_size", cfg.data.vocab_size, 0),
     ]:
         if value < low:
             fail(key, f"{value} is below the minimum {low}")
-    for key, value in [("model.hidden_size", cfg.model.hidden_size), ("model.intermediate_size", cfg.model.intermediate_size),
-                       ("model.num_layers", cfg.model.num_layers), ("model.num_heads", cfg.model.num_heads)]:
+    for key, value in [
+        ("model.hidden_size", cfg.model.hidden_size),
+        ("model.intermediate_size", cfg.model.intermediate_size),
+        ("model.num_layers", cfg.model.num_layers),
+        ("model.num_heads", cfg.model.num_heads),
+    ]:
         if value < 0:
             fail(key, f"{value} is negative (0 = the preset's)")
     if not 0 <= t.warmup_ratio < 1:
@@ -424,12 +466,18 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
     if cfg.memory.cap_gib < 0:
         fail("memory.cap_gib", f"{cfg.memory.cap_gib} must be >= 0 (0 = no cap)")
     if cfg.data.vocab_size and cfg.data.tokenizer != "bpe":
-        fail("data.vocab_size", f"{cfg.data.vocab_size} applies only to data.tokenizer=bpe, not {cfg.data.tokenizer!r}")
+        fail(
+            "data.vocab_size",
+            f"{cfg.data.vocab_size} applies only to data.tokenizer=bpe, not {cfg.data.tokenizer!r}",
+        )
     if not cfg.weights.target:
         fail("weights.target", "is empty; name at least one Linear (e.g. q_proj)")
     for name in cfg.weights.target:
         if name not in LINEAR_NAMES:
-            fail("weights.target", f"{name!r} is not one of {', '.join(LINEAR_NAMES)}{suggest(name, list(LINEAR_NAMES))}")
+            fail(
+                "weights.target",
+                f"{name!r} is not one of {', '.join(LINEAR_NAMES)}{suggest(name, list(LINEAR_NAMES))}",
+            )
     b1, b2 = cfg.optim.betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         fail("optim.betas", f"{list(cfg.optim.betas)} must lie in [0, 1)")
@@ -442,16 +490,25 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
     if cfg.optim.name not in OPTIMIZERS:
         fail("optim.name", UnknownName("optimizer", cfg.optim.name, OPTIMIZERS.names()).message)
     if cfg.optim.per_layer:
-        fail("optim.per_layer", "true is not available yet: per-layer updates land with their own issue")
+        fail(
+            "optim.per_layer",
+            "true is not available yet: per-layer updates land with their own issue",
+        )
     proj = cfg.optim.projector
     if proj.name == "none":
         defaults = ProjectorConfig()
         for key in ("rank", "update_gap", "scale", "svd"):
             if getattr(proj, key) != getattr(defaults, key):
-                fail(f"optim.projector.{key}", f"{getattr(proj, key)!r} is set but optim.projector.name is none")
+                fail(
+                    f"optim.projector.{key}",
+                    f"{getattr(proj, key)!r} is set but optim.projector.name is none",
+                )
     if cfg.optim.state_dtype != "auto" and proj.name == "none" and not _has_writers(cfg):
-        fail("optim.state_dtype", f"{cfg.optim.state_dtype} has no effect: no tensor is trained by lowrank-train's own "
-             "Adam (set a projector or quantized weights); the optimizer's own state rules apply")
+        fail(
+            "optim.state_dtype",
+            f"{cfg.optim.state_dtype} has no effect: no tensor is trained by lowrank-train's own "
+            "Adam (set a projector or quantized weights); the optimizer's own state rules apply",
+        )
     from lowrank_train.parameterizations import PARAMETERIZATIONS
     from lowrank_train.projectors import PROJECTORS
 
@@ -513,4 +570,3 @@ def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, 
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((prefix + f.name, to_dict(default), f.metadata.get("help", "")))
     return rows
-

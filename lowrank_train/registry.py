@@ -19,7 +19,9 @@ class UnknownName(KeyError):
     """Raised by `Registry.get`; the config layer turns it into a ConfigError naming the key."""
 
     def __init__(self, kind: str, name: str, known: list[str]):
-        self.message = f"unknown {kind} {name!r}; registered: {', '.join(known)}{suggest(name, known)}"
+        self.message = (
+            f"unknown {kind} {name!r}; registered: {', '.join(known)}{suggest(name, known)}"
+        )
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -55,4 +57,3 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[type[T]]:
         return iter(self._entries[n] for n in self.names())
-

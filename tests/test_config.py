@@ -41,7 +41,10 @@ def test_defaults_and_name(run_file):
 def test_precedence_defaults_include_file_cli(tmp_path):
     write(tmp_path / "a.yaml", {"train": {"lr": 0.1, "batch_size": 4}, "model": {"seq_len": 64}})
     write(tmp_path / "b.yaml", {"train": {"lr": 0.2}})
-    run = write(tmp_path / "run.yaml", {"include": ["a.yaml", "b.yaml"], "train": {"steps": 5, "batch_size": 6}})
+    run = write(
+        tmp_path / "run.yaml",
+        {"include": ["a.yaml", "b.yaml"], "train": {"steps": 5, "batch_size": 6}},
+    )
     cfg, sources = load_config(run, ["model.seq_len=32"])
     assert cfg.train.lr == 0.2  # later include wins over earlier
     assert cfg.train.batch_size == 6  # run file wins over includes
@@ -51,9 +54,17 @@ def test_precedence_defaults_include_file_cli(tmp_path):
 
 
 def test_overrides_cast_to_field_type(run_file):
-    cfg, _ = load_config(run_file, ["train.lr=3e-4", "train.tokens=0", "optim.betas=[0.9,0.95]",
-                                    "model.gradient_checkpointing=true", "weights.target=q_proj,v_proj",
-                                    "train.seed=1_000"])
+    cfg, _ = load_config(
+        run_file,
+        [
+            "train.lr=3e-4",
+            "train.tokens=0",
+            "optim.betas=[0.9,0.95]",
+            "model.gradient_checkpointing=true",
+            "weights.target=q_proj,v_proj",
+            "train.seed=1_000",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.model.gradient_checkpointing is True
@@ -66,27 +77,78 @@ def test_tokens_as_float_literal(tmp_path):
     assert cfg.train.tokens == 1_000_000 and cfg.train.steps == 0
 
 
-@pytest.mark.parametrize("data, overrides, expected", [
-    ({"train": {"steps": 10, "lrr": 1}}, [], "train.lrr: unknown key (did you mean lr?)"),
-    ({"train": {"steps": 10}, "optim": {"projector": {"rnak": 4}}}, [], "optim.projector.rnak: unknown key of none (did you mean rank?)"),
-    ({"train": {"steps": 10}}, ["train.lr=abc"], "train.lr: 'abc' is not float"),
-    ({"train": {"steps": 10}}, ["train.steps=1.5"], "train.steps: 1.5 is not int"),
-    ({"train": {"steps": 10}}, ["model.preset=llama_21m"], "model.preset: 'llama_21m' is not one of"),
-    ({"train": {"steps": 10}}, ["weights.name=sltrian"], "weights.name: unknown parameterization 'sltrian'"),
-    ({"train": {"steps": 10}}, ["optim.name=adam8bit"], "optim.name: unknown optimizer 'adam8bit'"),
-    ({"train": {"steps": 10, "tokens": 100}}, [], "are both set; set exactly one"),
-    ({"train": {}}, [], "set exactly one of train.steps and train.tokens"),
-    ({"train": {"steps": 10, "warmup_ratio": 1.0}}, [], "train.warmup_ratio: 1.0 is outside [0, 1)"),
-    ({"train": {"steps": 10, "batch_size": 0}}, [], "train.batch_size: 0 is below the minimum 1"),
-    ({"train": {"steps": 10}}, ["train.compile=yes please"], "train.compile: 'yes please' is not a bool"),
-    ({"train": {"steps": 10}}, ["trainlr"], "an override is key=value"),
-    ({"train": {"steps": 10}}, ["train=3"], "train: is a section; give keys under it, not 3"),
-    ({"train": {"steps": 10}}, ["weights.target=q_prj"], "weights.target: 'q_prj' is not one of"),
-    ({"train": {"steps": 10}}, ["optim.projector.rank=64"], "optim.projector.rank: 64 is set but optim.projector.name is none"),
-    ({"train": {"steps": 10}}, ["optim.state_dtype=int8"], "optim.state_dtype: int8 has no effect"),
-    ({"train": {"steps": 10}}, ["optim.per_layer=true"], "optim.per_layer: true is not available yet"),
-    ({"train": {"steps": 10}}, ["data.vocab_size=512", "data.tokenizer=gpt2"], "data.vocab_size: 512 applies only to data.tokenizer=bpe"),
-])
+@pytest.mark.parametrize(
+    "data, overrides, expected",
+    [
+        ({"train": {"steps": 10, "lrr": 1}}, [], "train.lrr: unknown key (did you mean lr?)"),
+        (
+            {"train": {"steps": 10}, "optim": {"projector": {"rnak": 4}}},
+            [],
+            "optim.projector.rnak: unknown key of none (did you mean rank?)",
+        ),
+        ({"train": {"steps": 10}}, ["train.lr=abc"], "train.lr: 'abc' is not float"),
+        ({"train": {"steps": 10}}, ["train.steps=1.5"], "train.steps: 1.5 is not int"),
+        (
+            {"train": {"steps": 10}},
+            ["model.preset=llama_21m"],
+            "model.preset: 'llama_21m' is not one of",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["weights.name=sltrian"],
+            "weights.name: unknown parameterization 'sltrian'",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["optim.name=adam8bit"],
+            "optim.name: unknown optimizer 'adam8bit'",
+        ),
+        ({"train": {"steps": 10, "tokens": 100}}, [], "are both set; set exactly one"),
+        ({"train": {}}, [], "set exactly one of train.steps and train.tokens"),
+        (
+            {"train": {"steps": 10, "warmup_ratio": 1.0}},
+            [],
+            "train.warmup_ratio: 1.0 is outside [0, 1)",
+        ),
+        (
+            {"train": {"steps": 10, "batch_size": 0}},
+            [],
+            "train.batch_size: 0 is below the minimum 1",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["train.compile=yes please"],
+            "train.compile: 'yes please' is not a bool",
+        ),
+        ({"train": {"steps": 10}}, ["trainlr"], "an override is key=value"),
+        ({"train": {"steps": 10}}, ["train=3"], "train: is a section; give keys under it, not 3"),
+        (
+            {"train": {"steps": 10}},
+            ["weights.target=q_prj"],
+            "weights.target: 'q_prj' is not one of",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["optim.projector.rank=64"],
+            "optim.projector.rank: 64 is set but optim.projector.name is none",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["optim.state_dtype=int8"],
+            "optim.state_dtype: int8 has no effect",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["optim.per_layer=true"],
+            "optim.per_layer: true is not available yet",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["data.vocab_size=512", "data.tokenizer=gpt2"],
+            "data.vocab_size: 512 applies only to data.tokenizer=bpe",
+        ),
+    ],
+)
 def test_errors_are_one_line_naming_file_key_value(tmp_path, data, overrides, expected):
     path = write(tmp_path / "bad.yaml", data)
     message = error_of(path, overrides)
@@ -109,11 +171,14 @@ def test_missing_file_bad_yaml_and_include_cycle(tmp_path):
     assert "includes itself" in error_of(y)
 
 
-@pytest.mark.parametrize("argv, key", [
-    (["train.lrr=1"], "train.lrr: unknown key"),
-    (["train.tokens=5"], "both set"),
-    (["model.preset=llama_3b"], "model.preset"),
-])
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["train.lrr=1"], "train.lrr: unknown key"),
+        (["train.tokens=5"], "both set"),
+        (["model.preset=llama_3b"], "model.preset"),
+    ],
+)
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, run_file, argv, key):
     code = main(["train", str(run_file), *argv])
     err = capsys.readouterr().err.strip()

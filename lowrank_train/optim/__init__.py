@@ -42,7 +42,10 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, Role]]:
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            roles[full] = (p, Role(other=is_embedding or is_norm, decay=p.ndim >= 2, embedding=is_embedding))
+            roles[full] = (
+                p,
+                Role(other=is_embedding or is_norm, decay=p.ndim >= 2, embedding=is_embedding),
+            )
     return roles
 
 
@@ -52,16 +55,22 @@ def build_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
     for name, (p, role) in parameter_roles(model).items():
         buckets.setdefault(role, []).append((name, p))
     groups = []
-    for role, named in sorted(buckets.items(), key=lambda kv: (kv[0].other, kv[0].embedding, not kv[0].decay)):
-        label = ("embeddings" if role.embedding else "norms" if role.other else "matrices") + ("" if role.decay else "_no_decay")
-        groups.append({
-            "name": label,
-            "params": [p for _, p in named],
-            "param_names": [n for n, _ in named],
-            "lr": lr_other if role.other else cfg.train.lr,
-            "weight_decay": cfg.optim.weight_decay if role.decay else 0.0,
-            "embedding": role.embedding,
-        })
+    for role, named in sorted(
+        buckets.items(), key=lambda kv: (kv[0].other, kv[0].embedding, not kv[0].decay)
+    ):
+        label = ("embeddings" if role.embedding else "norms" if role.other else "matrices") + (
+            "" if role.decay else "_no_decay"
+        )
+        groups.append(
+            {
+                "name": label,
+                "params": [p for _, p in named],
+                "param_names": [n for n, _ in named],
+                "lr": lr_other if role.other else cfg.train.lr,
+                "weight_decay": cfg.optim.weight_decay if role.decay else 0.0,
+                "embedding": role.embedding,
+            }
+        )
     return groups
 
 
@@ -72,8 +81,13 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> M
     optimizer = MultiOptimizer(inner)
     for name, opt in inner.items():
         params = [p for g in opt.param_groups for p in g["params"]]
-        log.info("optimizer %s owns %d tensors (%s parameters): %s", name, len(params),
-                 f"{sum(p.numel() for p in params):,}", ", ".join(f"{g['name']} {len(g['params'])}" for g in opt.param_groups))
+        log.info(
+            "optimizer %s owns %d tensors (%s parameters): %s",
+            name,
+            len(params),
+            f"{sum(p.numel() for p in params):,}",
+            ", ".join(f"{g['name']} {len(g['params'])}" for g in opt.param_groups),
+        )
     check_ownership(model, optimizer)
     return optimizer
 
@@ -89,5 +103,7 @@ def check_ownership(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     twice = [names.get(i, "?") for i, c in owned.items() if c > 1]
     foreign = [i for i in owned if i not in names]
     if missing or twice or foreign:
-        raise RuntimeError(f"optimizer ownership broken: not owned {missing[:5]}, owned twice {twice[:5]}, "
-                           f"{len(foreign)} tensors not in the model")
+        raise RuntimeError(
+            f"optimizer ownership broken: not owned {missing[:5]}, owned twice {twice[:5]}, "
+            f"{len(foreign)} tensors not in the model"
+        )

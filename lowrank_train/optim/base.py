@@ -15,7 +15,9 @@ class InnerOptimizer:
 
     name: ClassVar[str]
 
-    def build(self, groups: list[dict], cfg: OptimConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    def build(
+        self, groups: list[dict], cfg: OptimConfig, device: torch.device
+    ) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
 
@@ -29,8 +31,13 @@ class AdamW(InnerOptimizer):
     name = "adamw"
 
     def build(self, groups, cfg, device):
-        opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda")
+        opt = torch.optim.AdamW(
+            groups,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
+        )
         return {"adamw": opt}
 
 
@@ -53,7 +60,9 @@ class AdamW8bit(InnerOptimizer):
         eight = [g for g in groups if not g.get("embedding")]
         thirty_two = [g for g in groups if g.get("embedding")]
         if eight:
-            out["adamw8bit"] = bnb.optim.AdamW8bit(params=eight, optim_bits=8, **common)
+            out["adamw8bit"] = bnb.optim.AdamW8bit(
+                params=eight, **common
+            )  # 8-bit whatever optim_bits says
         if thirty_two:
             out["adamw32bit"] = bnb.optim.AdamW(params=thirty_two, optim_bits=32, **common)
         return out

@@ -35,6 +35,11 @@ class MultiOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if set(state_dict) != set(self.optimizers):
-            raise ValueError(f"optimizer state holds {sorted(state_dict)}, this run builds {sorted(self.optimizers)}")
+            raise ValueError(
+                f"optimizer state holds {sorted(state_dict)}, this run builds {sorted(self.optimizers)}"
+            )
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state_dict[name])
+        # torch's load_state_dict puts new group dicts in place; without this the scheduler would
+        # keep setting the lr of the old ones, and after a resume the lr would silently freeze.
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]

@@ -25,6 +25,8 @@ def warmup_steps(total: int, warmup_ratio: float, warmup_steps: int) -> int:
     return warmup_steps if warmup_steps > 0 else int(warmup_ratio * total)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float) -> LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float
+) -> LambdaLR:
     """One LambdaLR stepped once per optimizer step (never per micro-batch or per layer)."""
     return LambdaLR(optimizer, partial(lr_factor, total=total, warmup=warmup, min_ratio=min_ratio))

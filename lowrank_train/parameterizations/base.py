@@ -44,7 +44,9 @@ class ParameterizedLinear(nn.Module):
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes of every tensor this layer stores, by name (parameters and buffers)."""
-        tensors = dict(self.named_parameters(recurse=False)) | dict(self.named_buffers(recurse=False))
+        tensors = dict(self.named_parameters(recurse=False)) | dict(
+            self.named_buffers(recurse=False)
+        )
         return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
@@ -84,7 +86,9 @@ def init_linear_(linear: nn.Linear, gen: torch.Generator, std: float) -> None:
             linear.bias.zero_()
 
 
-def targeted_linears(model: nn.Module, target: list[str]) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+def targeted_linears(
+    model: nn.Module, target: list[str]
+) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
     """(full name, parent module, attribute, Linear) for every Linear whose attribute is in `target`."""
     for parent_name, parent in list(model.named_modules()):
         for attr, child in list(parent.named_children()):
@@ -110,8 +114,12 @@ def swap_linears(
     """
     count = 0
     for full, parent, attr, meta_linear in targeted_linears(model, target):
-        linear = nn.Linear(meta_linear.in_features, meta_linear.out_features,
-                           bias=meta_linear.bias is not None, dtype=torch.float32)
+        linear = nn.Linear(
+            meta_linear.in_features,
+            meta_linear.out_features,
+            bias=meta_linear.bias is not None,
+            dtype=torch.float32,
+        )
         init_linear_(linear, generator(seed, full), std)
         layer = parameterization.convert(linear, full, generator(seed, full, "method"))
         setattr(parent, attr, layer.to(device=device, dtype=dtype))
@@ -119,4 +127,3 @@ def swap_linears(
     if count == 0:
         raise ValueError(f"no Linear named {target} in the model")
     return count
-

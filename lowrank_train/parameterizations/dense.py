@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowrank_train.parameterizations.base import PARAMETERIZATIONS, Parameterization, ParameterizedLinear
+from lowrank_train.parameterizations.base import (
+    PARAMETERIZATIONS,
+    Parameterization,
+    ParameterizedLinear,
+)
 
 
 class DenseLinear(ParameterizedLinear):
