@@ -286,6 +286,8 @@ def _cast(value: Any, tp: Any, where: str) -> Any:
     bad = ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in allowed:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a bool
         if value not in allowed:
             hint = suggest(str(value), [str(a) for a in allowed])
             raise ConfigError(

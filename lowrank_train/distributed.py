@@ -60,6 +60,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (each rank's loss covers its own shard of the batch)."""
+    if not dist.is_initialized():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,9 +1,9 @@
 """The training loop. It builds what the config names and steps it; it never names a method.
 
-One step: set lr (scheduler) -> grad_accum micro-batches (forward, loss / accum, backward) ->
-clip the global grad norm -> optimizer step -> scheduler step -> layers' after_step hooks ->
-log / eval / save at their cadence. The loss reaches the host only at logging steps and before
-a save, so the loop adds no per-step synchronisation.
+One step: grad_accum micro-batches (forward, loss / accum, backward) -> clip the global grad
+norm -> optimizer step -> scheduler step -> the layers' after_step hooks -> log / eval / save at
+their cadence. The loss reaches the host only at logging steps and before a save, so the loop
+adds no per-step synchronisation.
 """
 
 from __future__ import annotations
@@ -11,22 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lowrank_train import checkpoint as ckpt
 from lowrank_train import distributed
 from lowrank_train.config import RunConfig, dump_yaml, to_dict
-from lowrank_train.data import BlockLoader, TokenData, check_sizes, prepare_data, val_batches
+from lowrank_train.data import (
+    BlockLoader,
+    TokenData,
+    check_sizes,
+    prepare_data,
+    split_block,
+)
 from lowrank_train.errors import CheckpointError, NonFiniteLossError
+from lowrank_train.evaluation import causal_lm_loss, compute_context, evaluate
 from lowrank_train.memory import MemoryMonitor
 from lowrank_train.metrics import Metrics
 from lowrank_train.models import build_model, describe, resolve_dtypes
@@ -34,6 +39,7 @@ from lowrank_train.optim import build_optimizer
 from lowrank_train.optim.schedule import build_scheduler, warmup_steps
 from lowrank_train.parameterizations import ParameterizedLinear
 from lowrank_train.resume import check_resumable, resolve_resume
+from lowrank_train.stopping import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +61,6 @@ class RunResult:
     summary: dict = field(default_factory=dict)
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and exits 0 so the run resumes."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint after this step, then exiting", self.signal)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def total_steps(cfg: RunConfig, world_size: int) -> int:
     t = cfg.train
     if t.steps:
@@ -85,245 +68,256 @@ def total_steps(cfg: RunConfig, world_size: int) -> int:
     return max(1, t.tokens // (t.batch_size * t.grad_accum * world_size * cfg.model.seq_len))
 
 
-def causal_lm_loss(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """Cross-entropy of next-token prediction; labels are already shifted by the loader."""
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
+class Trainer:
+    """Builds a run from its config (model, optimizer, schedule, data) and steps it."""
 
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TokenData,
-    cfg: RunConfig,
-    device: torch.device,
-    autocast: torch.dtype | None,
-) -> float:
-    """Token-weighted mean loss over the fixed held-out tokens (sum of losses / number of tokens)."""
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
-    for inputs, labels in val_batches(
-        data.val, cfg.model.seq_len, cfg.train.batch_size, cfg.eval.max_tokens
-    ):
-        inputs, labels = inputs.to(device), labels.to(device)
-        with torch.autocast(
-            device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
-        ):
-            total += causal_lm_loss(model, inputs, labels, reduction="sum").double()
-        count += labels.numel()
-    model.train(was_training)
-    return (total / count).item()
-
-
-def train(cfg: RunConfig, resume: str | None = None) -> RunResult:
-    """Run (or resume) the configured training; returns the trained model and its summary."""
-    if resume is None and any(cfg.checkpoint_dir.glob("step-*")):
-        raise CheckpointError(
-            f"{cfg.checkpoint_dir} already holds checkpoints: continue them with --resume latest, "
-            "or give the run another name or out_dir"
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
+        if resume is None and any(cfg.checkpoint_dir.glob("step-*")):
+            raise CheckpointError(
+                f"{cfg.checkpoint_dir} already holds checkpoints: continue them with "
+                "--resume latest, or give the run another name or out_dir"
+            )
+        self.cfg, self.env = cfg, distributed.setup(cfg.train.device)
+        device = self.env.device
+        checkpoint = resolve_resume(resume, cfg.checkpoint_dir) if resume else None
+        if checkpoint is not None:  # before anything is built: a refusal costs nothing
+            check_resumable(checkpoint, cfg, self.env.world_size)
+        if self.env.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        torch.manual_seed(cfg.train.seed)
+        self.memory = MemoryMonitor(device, cfg.memory.cap_gib)
+        self.data = prepare_data(cfg.data, cfg.model.preset, self.env.rank, self.env.world_size)
+        check_sizes(self.data, cfg.model.seq_len, cfg.train.batch_size * self.env.world_size)
+        self.model = build_model(cfg, self.data.vocab_size, device)
+        dtype, self.autocast = resolve_dtypes(cfg.model, device)
+        log.info(
+            "%s | weights %s, autocast %s, device %s x%d",
+            describe(self.model, cfg),
+            dtype,
+            self.autocast or "off",
+            device,
+            self.env.world_size,
         )
-    env = distributed.setup(cfg.train.device)
-    device = env.device
-    run_dir = cfg.run_dir
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    checkpoint = resolve_resume(resume, cfg.checkpoint_dir) if resume else None
-    if checkpoint is not None:  # before anything is built: a refusal costs nothing
-        check_resumable(checkpoint, cfg, env.world_size)
-    torch.manual_seed(cfg.train.seed)
-    memory = MemoryMonitor(device, cfg.memory.cap_gib)
+        self.optimizer = build_optimizer(cfg, self.model, device)
+        self.total = total_steps(cfg, self.env.world_size)
+        warmup = warmup_steps(self.total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
+        self.scheduler = build_scheduler(self.optimizer, self.total, warmup, cfg.train.min_lr_ratio)
+        self.loader = BlockLoader(
+            self.data.train,
+            cfg.model.seq_len,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            self.env.rank,
+            self.env.world_size,
+        )
+        self.progress = Progress()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        self.metrics = Metrics(
+            cfg.run_dir, self.env.is_main, self.total, cfg.logging, cfg.name, to_dict(cfg)
+        )
+        if checkpoint is not None:
+            self.metrics.event("resume", self.progress.step, path=str(checkpoint.path))
+        # Only layers with periodic events are called after each step (no per-step Python for dense).
+        self.hooked = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, ParameterizedLinear)
+            and type(m).after_step is not ParameterizedLinear.after_step
+        ]
+        self.wrapped = (
+            DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
+        )
+        self.loss_fn = torch.compile(causal_lm_loss) if cfg.train.compile else causal_lm_loss
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.tokens_per_step = (
+            cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size * cfg.model.seq_len
+        )
+        self.tokenizer_json = self.data.tokenizer_path.read_text()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
 
-    data = prepare_data(cfg.data, cfg.model.preset, env.rank, env.world_size)
-    check_sizes(data, cfg.model.seq_len, cfg.train.batch_size * env.world_size)
-    model = build_model(cfg, data.vocab_size, device)
-    dtype, autocast = resolve_dtypes(cfg.model, device)
-    log.info(
-        "%s | weights %s, autocast %s, device %s x%d",
-        describe(model, cfg),
-        dtype,
-        autocast or "off",
-        device,
-        env.world_size,
-    )
-    optimizer = build_optimizer(cfg, model, device)
-    steps = total_steps(cfg, env.world_size)
-    warmup = warmup_steps(steps, cfg.train.warmup_ratio, cfg.train.warmup_steps)
-    scheduler = build_scheduler(optimizer, steps, warmup, cfg.train.min_lr_ratio)
-    loader = BlockLoader(
-        data.train,
-        cfg.model.seq_len,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        env.rank,
-        env.world_size,
-    )
-    layers = [m for m in model.modules() if isinstance(m, ParameterizedLinear)]
-    progress = Progress()
-
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        optimizer.load_state_dict(checkpoint.optimizer)
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
         state = checkpoint.trainer
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
         ckpt.restore_rng(state["rng"])
-        progress = Progress(
+        self.progress = Progress(
             state["step"], state["tokens"], state["best_val_loss"], state["last_val_loss"]
         )
         log.info(
             "resumed from %s at step %d (%s tokens)",
             checkpoint.path,
-            progress.step,
-            f"{progress.tokens:,}",
+            self.progress.step,
+            f"{self.progress.tokens:,}",
         )
 
-    tokens_per_step = (
-        cfg.train.batch_size * cfg.train.grad_accum * env.world_size * cfg.model.seq_len
-    )
-    metrics = Metrics(run_dir, env.is_main, steps, cfg.logging, cfg.name, to_dict(cfg))
-    if checkpoint is not None:
-        metrics.event("resume", progress.step, path=str(checkpoint.path))
-    wrapped = DistributedDataParallel(model) if env.world_size > 1 else model
-    loss_fn = torch.compile(causal_lm_loss) if cfg.train.compile else causal_lm_loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    end = min(steps, cfg.train.stop_at) if cfg.train.stop_at else steps
-    tokenizer_json = data.tokenizer_path.read_text()
+    def step(self, clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over grad_accum micro-batches: (summed loss, grad norm or None)."""
+        accum, device = self.cfg.train.grad_accum, self.env.device
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            inputs, labels = split_block(next(self.loader).to(device, non_blocking=True))
+            skip_sync = (
+                micro < accum - 1 and self.env.world_size > 1
+            )  # all-reduce once, at the last
+            with (
+                self.wrapped.no_sync() if skip_sync else nullcontext(),
+                compute_context(device, self.autocast),
+            ):
+                loss = self.loss_fn(self.wrapped, inputs, labels)
+            if accum > 1:
+                loss = loss / accum
+            loss.backward()
+            step_loss += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip else None
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used, for the log
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        for layer in self.hooked:
+            layer.after_step(self.progress.step, self.optimizer)
+        return step_loss, grad_norm
 
-    def save(loss: torch.Tensor | None) -> None:
-        if loss is not None and not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {progress.step}; not saving")
-        if env.is_main:
+    def save(self, last_loss: torch.Tensor | None) -> None:
+        """Rank 0 writes the checkpoint; never one whose last loss is not finite (None: no step
+        taken since the resume that loaded it)."""
+        value = distributed.mean_across_ranks(last_loss).item() if last_loss is not None else 0.0
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss is {value} at step {self.progress.step}; not saving")
+        p = self.progress
+        if self.env.is_main:
+            trainer_state = {
+                "step": p.step,
+                "tokens": p.tokens,
+                "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(),
+                "rng": ckpt.capture_rng(),
+                "world_size": self.env.world_size,
+                "best_val_loss": p.best_val_loss,
+                "last_val_loss": p.last_val_loss,
+            }
             path = ckpt.save_checkpoint(
-                cfg.checkpoint_dir,
-                progress.step,
-                model_state=model.state_dict(),
-                optimizer_state=optimizer.state_dict(),
-                config_yaml=dump_yaml(cfg),
-                tokenizer_json=tokenizer_json,
-                keep_last=cfg.checkpoint.keep_last,
-                trainer_state={
-                    "step": progress.step,
-                    "tokens": progress.tokens,
-                    "scheduler": scheduler.state_dict(),
-                    "loader": loader.state_dict(),
-                    "rng": ckpt.capture_rng(),
-                    "world_size": env.world_size,
-                    "best_val_loss": progress.best_val_loss,
-                    "last_val_loss": progress.last_val_loss,
-                },
+                self.cfg.checkpoint_dir,
+                p.step,
+                model_state=self.model.state_dict(),
+                optimizer_state=self.optimizer.state_dict(),
+                trainer_state=trainer_state,
+                config_yaml=dump_yaml(self.cfg),
+                tokenizer_json=self.tokenizer_json,
+                keep_last=self.cfg.checkpoint.keep_last,
             )
-            metrics.event("checkpoint", progress.step, path=str(path))
+            self.metrics.event("checkpoint", p.step, path=str(path))
         distributed.barrier()
 
-    def run_eval() -> None:
-        val = evaluate(model, data, cfg, device, autocast)
-        progress.last_val_loss, progress.best_val_loss = val, min(progress.best_val_loss, val)
-        metrics.eval(progress.step, progress.tokens, val)
+    def run_eval(self) -> None:
+        val = evaluate(self.model, self.data, self.cfg, self.env.device, self.autocast)
+        self.progress.last_val_loss, self.progress.best_val_loss = (
+            val,
+            min(self.progress.best_val_loss, val),
+        )
+        self.metrics.eval(self.progress.step, self.progress.tokens, val)
 
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    window_start, window_steps, started, first_step = (
-        time.perf_counter(),
-        0,
-        time.perf_counter(),
-        progress.step,
-    )
-    step_loss = None
-    with StopFlag() as stop:
-        while progress.step < end:
-            for micro in range(cfg.train.grad_accum):
-                inputs, labels = (t.to(device, non_blocking=True) for t in next(loader))
-                sync = micro == cfg.train.grad_accum - 1 or env.world_size == 1
-                with (
-                    wrapped.no_sync() if not sync else nullcontext(),
-                    torch.autocast(
-                        device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
-                    ),
-                ):
-                    loss = loss_fn(wrapped, inputs, labels) / cfg.train.grad_accum
-                loss.backward()
-                step_loss = loss.detach() if micro == 0 else step_loss + loss.detach()
-            log_now = (progress.step + 1) % cfg.logging.every == 0 or progress.step + 1 == end
-            clip = cfg.train.clip_grad_norm or (math.inf if log_now else 0)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else None
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            for layer in layers:
-                layer.after_step(progress.step, optimizer)
-            loss_sum += step_loss
-            window_steps += 1
+    def due(self, every: int, end: int) -> bool:
+        return bool(every) and self.progress.step % every == 0 and self.progress.step < end
 
-            if log_now:
-                mean_loss = (
-                    loss_sum / window_steps
-                ).item()  # the one host sync of a logging window
-                if not math.isfinite(mean_loss):
-                    metrics.event("stop", progress.step, reason="non-finite loss")
-                    raise NonFiniteLossError(
-                        f"loss is {mean_loss} at step {progress.step}; stopped. The last good "
-                        f"checkpoint is kept in {cfg.checkpoint_dir}"
+    def run(self) -> RunResult:
+        cfg, p = self.cfg, self.progress
+        end = min(self.total, cfg.train.stop_at) if cfg.train.stop_at else self.total
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.env.device)
+        started, first_step = time.perf_counter(), p.step
+        window_start, window_steps, step_loss = started, 0, None
+        with StopFlag() as stop:
+            while p.step < end:
+                log_now = (p.step + 1) % cfg.logging.every == 0 or p.step + 1 == end
+                # without clipping, the norm is still measured at logging steps (inf: no-op clip)
+                step_loss, grad_norm = self.step(
+                    cfg.train.clip_grad_norm or (math.inf if log_now else 0)
+                )
+                loss_sum += step_loss
+                window_steps += 1
+                if log_now:
+                    self.log_window(
+                        loss_sum / window_steps,
+                        grad_norm,
+                        window_start,
+                        window_steps,
+                        (time.perf_counter() - started) / (p.step - first_step) * (end - p.step),
                     )
-                elapsed = time.perf_counter() - window_start
-                rate = (time.perf_counter() - started) / (progress.step - first_step)
-                metrics.train(
-                    {
-                        "step": progress.step,
-                        "tokens": progress.tokens,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "step_s": elapsed / window_steps,
-                        "tok_s": tokens_per_step * window_steps / elapsed,
-                        **memory.peaks(),
-                    },
-                    eta_s=rate * (end - progress.step),
-                )
-                loss_sum.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            if cfg.eval.every and progress.step % cfg.eval.every == 0 and progress.step < end:
-                run_eval()
-            stopping = distributed.any_rank(stop.signal is not None, device)
-            if stopping or (
-                cfg.checkpoint.every
-                and progress.step % cfg.checkpoint.every == 0
-                and progress.step < end
-            ):
-                save(step_loss)
-            if stopping:
-                metrics.event("stop", progress.step, reason=stop.signal or "signal on another rank")
-                log.info(
-                    "stopped by %s at step %d; resume with --resume latest",
-                    stop.signal or "signal",
-                    progress.step,
-                )
-                break
-        else:
-            run_eval()
-            save(step_loss)
+                    loss_sum.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.due(cfg.eval.every, end):
+                    self.run_eval()
+                stopping = distributed.any_rank(stop.signal is not None, self.env.device)
+                if stopping or self.due(cfg.checkpoint.every, end):
+                    self.save(step_loss)
+                if stopping:
+                    self.metrics.event(
+                        "stop", p.step, reason=stop.signal or "signal on another rank"
+                    )
+                    log.info("stopped at step %d; resume with --resume latest", p.step)
+                    break
+            else:
+                self.run_eval()
+                self.save(step_loss)
+        return self.finish(time.perf_counter() - started, first_step)
 
-    wall_s = time.perf_counter() - started
-    summary = {
-        "step": progress.step,
-        "total_steps": steps,
-        "tokens": progress.tokens,
-        "final_val_loss": progress.last_val_loss,
-        "final_val_ppl": math.exp(progress.last_val_loss)
-        if progress.last_val_loss < 50
-        else math.inf,
-        "best_val_loss": progress.best_val_loss,
-        "wall_s": wall_s,
-        "tok_s": (progress.step - first_step) * tokens_per_step / max(wall_s, 1e-9),
-        **memory.peaks(),
-    }
-    if env.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    metrics.close()
-    return RunResult(run_dir, progress, model, data, summary)
+    def log_window(
+        self,
+        mean_loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        start: float,
+        steps: int,
+        eta_s: float,
+    ) -> None:
+        """The one host sync of a logging window; under DDP the mean over every rank's shard."""
+        loss = distributed.mean_across_ranks(mean_loss).item()
+        p = self.progress
+        if not math.isfinite(loss):
+            self.metrics.event("stop", p.step, reason="non-finite loss")
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {p.step}; stopped. The last good checkpoint is "
+                f"kept in {self.cfg.checkpoint_dir}"
+            )
+        elapsed = time.perf_counter() - start
+        self.metrics.train(
+            {
+                "step": p.step,
+                "tokens": p.tokens,
+                "loss": loss,
+                "lr": self.last_lr,
+                "grad_norm": grad_norm.item(),
+                "step_s": elapsed / steps,
+                "tok_s": self.tokens_per_step * steps / elapsed,
+                **self.memory.peaks(),
+            },
+            eta_s=eta_s,
+        )
+
+    def finish(self, wall_s: float, first_step: int) -> RunResult:
+        p = self.progress
+        summary = {
+            "step": p.step,
+            "total_steps": self.total,
+            "tokens": p.tokens,
+            "final_val_loss": p.last_val_loss,
+            "final_val_ppl": math.exp(p.last_val_loss) if p.last_val_loss < 50 else math.inf,
+            "best_val_loss": p.best_val_loss,
+            "wall_s": wall_s,
+            "tok_s": (p.step - first_step) * self.tokens_per_step / max(wall_s, 1e-9),
+            **self.memory.peaks(),
+        }
+        if self.env.is_main:
+            (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.metrics.close()
+        return RunResult(self.cfg.run_dir, p, self.model, self.data, summary)
+
+
+def train(cfg: RunConfig, resume: str | None = None) -> RunResult:
+    """Run (or resume) the configured training; returns the trained model and its summary."""
+    return Trainer(cfg, resume).run()

@@ -206,3 +206,18 @@ def test_every_shipped_config_loads():
                 load_config(run)
             finally:
                 run.unlink()
+
+
+def test_yaml_off_reads_as_the_string_off(tmp_path):
+    cfg, _ = load_config(write(tmp_path / "r.yaml", "train: {steps: 1}\nmodel:\n  autocast: off\n"))
+    assert cfg.model.autocast == "off"
+    cfg, _ = load_config(tmp_path / "r.yaml", ["model.autocast=bfloat16"])
+    assert cfg.model.autocast == "bfloat16"
+
+
+def test_readme_documents_every_key():
+    from lowrank_train.config import field_docs
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"

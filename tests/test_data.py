@@ -17,7 +17,14 @@ from tokenizers import ByteLevelBPETokenizer, Tokenizer
 
 from lowrank_train import data
 from lowrank_train.config import DataConfig
-from lowrank_train.data import BlockLoader, check_sizes, prepare_data, split_documents, val_batches
+from lowrank_train.data import (
+    BlockLoader,
+    check_sizes,
+    prepare_data,
+    split_block,
+    split_documents,
+    val_batches,
+)
 from lowrank_train.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -280,11 +287,11 @@ STREAM = np.arange(1003, dtype=np.uint16)  # 100 blocks of 10, 3 tail tokens dro
 
 
 def _take(loader: BlockLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [next(loader) for _ in range(n)]
+    return [split_block(next(loader)) for _ in range(n)]
 
 
 def test_blocks_are_slices_and_labels_shift_by_one():
-    x, y = next(BlockLoader(STREAM, seq_len=9, batch_size=4, seed=0))
+    x, y = split_block(next(BlockLoader(STREAM, seq_len=9, batch_size=4, seed=0)))
     assert x.shape == y.shape == (4, 9) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 0] % 10, torch.zeros(4, dtype=torch.int64))
     assert torch.equal(x, x[:, :1] + torch.arange(9))
@@ -302,9 +309,9 @@ def test_each_epoch_shows_every_block_once_in_a_seeded_order():
         assert loader.epoch == epoch + 1
     same = BlockLoader(STREAM, seq_len=9, batch_size=10, seed=3)
     other = BlockLoader(STREAM, seq_len=9, batch_size=10, seed=4)
-    first = next(same)[0]
-    assert torch.equal(first, next(BlockLoader(STREAM, seq_len=9, batch_size=10, seed=3))[0])
-    assert not torch.equal(first, next(other)[0])
+    first = next(same)
+    assert torch.equal(first, next(BlockLoader(STREAM, seq_len=9, batch_size=10, seed=3)))
+    assert not torch.equal(first, next(other))
 
 
 def test_an_epoch_ends_when_a_global_batch_no_longer_fits():
@@ -333,25 +340,25 @@ def test_ranks_split_the_global_batch():
         BlockLoader(STREAM, seq_len=9, batch_size=4, seed=2, rank=r, world_size=2) for r in (0, 1)
     ]
     for _ in range(20):  # past the end of the first epoch
-        x, y = next(whole)
-        parts = [next(r) for r in ranks]
+        x, y = split_block(next(whole))
+        parts = [split_block(next(r)) for r in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), x)
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
     assert whole.state_dict() == ranks[1].state_dict()
 
 
 def test_val_batches_are_consecutive_fixed_and_limited():
-    batches = list(val_batches(STREAM, seq_len=9, batch_size=7))
+    batches = [split_block(b) for b in val_batches(STREAM, seq_len=9, batch_size=7)]
     assert [len(x) for x, _ in batches] == [7] * 14 + [2]
     x = torch.cat([b[0] for b in batches])
     assert torch.equal(x[:, 0], torch.arange(0, 1000, 10))
-    again = list(val_batches(STREAM, seq_len=9, batch_size=7))
+    again = [split_block(b) for b in val_batches(STREAM, seq_len=9, batch_size=7)]
     assert all(
         torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         for a, b in zip(batches, again, strict=True)
     )
-    limited = list(
-        val_batches(STREAM, seq_len=9, batch_size=2, max_tokens=25)
-    )  # ceil(25/9) = 3 blocks
+    limited = [  # ceil(25/9) = 3 blocks
+        split_block(b) for b in val_batches(STREAM, seq_len=9, batch_size=2, max_tokens=25)
+    ]
     assert [x[:, 0].tolist() for x, _ in limited] == [[0, 10], [20]]
     assert torch.equal(limited[0][1], limited[0][0] + 1)

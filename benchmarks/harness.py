@@ -1,0 +1,127 @@
+"""The one benchmark harness: each case in its own process, warm-up excluded, medians reported,
+one JSON line per measurement in DESIGN.md's schema (benchmarks/results/<bench>_<device>_<date>.jsonl).
+
+A bench file defines cases and providers only; it calls `run_cases` (parent) and `case_main`
+(child) from here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quantiles(samples: list[float]) -> dict[str, float]:
+    """median with p20 and p80 (the spread a reader needs to judge a ratio)."""
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
+    return {"median": statistics.median(ordered), "p20": pick(0.2), "p80": pick(0.8)}
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in (
+        "torch",
+        "triton",
+        "transformers",
+        "bitsandbytes",
+        "galore-torch",
+        "lowrank-train",
+    ):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def commit() -> str:
+    if "LOWRANK_COMMIT" in os.environ:
+        return os.environ["LOWRANK_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def result_line(
+    *, bench: str, case: dict, provider: str, method: str, settings: dict, metrics: dict
+) -> dict:
+    return {
+        "bench": bench,
+        "case": case,
+        "provider": provider,
+        "method": method,
+        "settings": settings,
+        "metrics": metrics,
+        "device": device_name(),
+        "versions": versions(),
+        "commit": commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write_results(bench: str, device_slug: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{bench}_{device_slug}_{datetime.date.today().isoformat()}.jsonl"
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def run_cases(script: Path, cases: list[dict], timeout_s: int = 900) -> list[dict]:
+    """Run each case in a fresh process (`script --case JSON`), so allocator caps and compile
+    caches of one case never touch another. A failed case yields {"case": ..., "error": ...}."""
+    out = []
+    for case in cases:
+        proc = subprocess.run(
+            [sys.executable, str(script), "--case", json.dumps(case)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            out.append({"case": case, "error": " | ".join(tail)})
+            print(f"case {case} failed: {' | '.join(tail)}", file=sys.stderr, flush=True)
+        else:
+            out.append(json.loads(lines[-1]))
+            print(f"case {case}: {lines[-1][:300]}", file=sys.stderr, flush=True)
+    return out
+
+
+def case_main(run_case: Callable[[dict], dict]) -> None:
+    """Child side: `--case JSON` -> print the case's metrics as one JSON line on stdout."""
+    case = json.loads(sys.argv[sys.argv.index("--case") + 1])
+    print(json.dumps(run_case(case)), flush=True)
