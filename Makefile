@@ -30,4 +30,4 @@ lint: install
 	$(BIN)/ruff format --check lowrank_train tests benchmarks scripts
 
 bench: install
-	$(BIN)/python benchmarks/bench_loop.py
+	$(BIN)/python benchmarks/bench_loop.py $(ARGS)

@@ -8,7 +8,7 @@ Cases (DESIGN.md, Benchmarks; the Foundation issue):
     MFU = 6 x all parameters x tokens/s / the bf16 matmul rate measured in the same call.
 Both sides read the same token cache (`--cache`, built by `lowrank-train` on any machine).
 
-    python benchmarks/bench_loop.py --cache DIR [--device-slug h100] [--steps 60] [--only 60m,350m,1b]
+    python benchmarks/bench_loop.py [--cache DIR] [--device-slug h100] [--steps 300] [--only 60m,350m,1b] [--repeat N]
 """
 
 from __future__ import annotations
@@ -155,11 +155,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--cache",
-        required=True,
-        help="token cache dir (train.npy, val.npy, tokenizer.json), vocab 32000",
+        help="token cache dir (train.npy, val.npy, tokenizer.json); default: build the embedded "
+        "corpus with a 32000-token BPE here (needs `datasets`)",
     )
     ap.add_argument("--device-slug", default="h100")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="60m,350m,1b")
     ap.add_argument(
         "--repeat",
@@ -168,6 +168,11 @@ def main() -> None:
         help="alternate ours and the bare loop this many times (launch-bound cases are noisy)",
     )
     args = ap.parse_args()
+    if args.cache is None:
+        from lowrank_train.config import DataConfig
+        from lowrank_train.data import prepare_data
+
+        args.cache = str(prepare_data(DataConfig(vocab_size=32000), "llama_60m").cache_dir)
     shapes = {
         "60m": ("llama_60m", 8, False),
         "350m": ("llama_350m", 8, False),

@@ -87,7 +87,11 @@ def _init_(name: str, tensor: torch.Tensor, module: nn.Module, gen: torch.Genera
 
 
 def materialize_(model: nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Give every meta parameter real storage: drawn in fp32 on the CPU, then cast and moved."""
+    """Give every meta parameter real storage: drawn in fp32 on the CPU, then cast and moved.
+    A meta `device` leaves the model structural (shapes and dtypes only)."""
+    if device.type == "meta":
+        model.to(dtype=dtype)
+        return
     for mod_name, module in model.named_modules():
         for p_name, p in list(module.named_parameters(recurse=False)):
             if p.device.type != "meta":
@@ -115,7 +119,11 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> LlamaF
     )
     materialize_(model, cfg.train.seed, device, dtype)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # the benchmark machine's transformers 5.17
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lowrank_train.cli import main
 from lowrank_train.config import RunConfig, dump_yaml, load_config
 from lowrank_train.errors import ConfigError
+from lowrank_train.models import PRESETS, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +199,11 @@ def test_every_shipped_config_loads():
     runs = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
     assert runs, "configs/runs is empty"
     for path in runs:
-        load_config(path)
+        cfg, _ = load_config(path)
+        model = build_model(cfg, 32000, torch.device("meta"))  # structural: no values drawn
+        preset = PRESETS[cfg.model.preset]
+        assert model.config.num_hidden_layers == (cfg.model.num_layers or preset.layers), path
+        assert all(p.device.type == "meta" for p in model.parameters()), path
     for fragment in sorted((ROOT / "configs").glob("*/*.yaml")):
         if fragment.parent.name in ("methods", "models"):
             run = fragment.parent.parent / "_probe.yaml"

@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from lowrank_train.checkpoint import load_checkpoint
 from lowrank_train.cli import main
 from lowrank_train.config import load_config
+from lowrank_train.export import checkpoint_of
 from lowrank_train.models import build_model
 from lowrank_train.optim import build_optimizer, check_ownership
 from lowrank_train.optim.multi import MultiOptimizer
@@ -150,9 +152,6 @@ def test_export_round_trip_gives_the_same_logits(tiny_run, tmp_path):
     hf = LlamaForCausalLM.from_pretrained(out)
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     ids = torch.tensor([tok.encode("The history of the city")])
-    from lowrank_train.export import checkpoint_of
-    from lowrank_train.checkpoint import load_checkpoint
-
     cfg, _ = load_config(run_dir / "config.yaml")
     ours = build_model(cfg, 512, CPU)
     ours.load_state_dict(load_checkpoint(checkpoint_of(run_dir)).model)

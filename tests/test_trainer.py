@@ -242,3 +242,13 @@ def test_compile_trains_on_cpu(tiny_run):
     a, b = train_losses(runs / "eager"), train_losses(runs / "compiled")
     # inductor fuses the loss differently: equal up to fp32 rounding, not bitwise
     assert all(abs(a[k] - b[k]) < 1e-3 for k in a), (a, b)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_run):
+    """Recomputing each decoder layer in backward changes memory, not the math."""
+    plain = tiny_run("plain", {"train": {"steps": 4}})
+    ckpt = tiny_run("recompute", {"train": {"steps": 4}, "model": {"gradient_checkpointing": True}})
+    assert run(plain) == 0 and run(ckpt) == 0
+    runs = plain.parent / "runs"
+    a, b = train_losses(runs / "plain"), train_losses(runs / "recompute")
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)

@@ -110,7 +110,9 @@ def swap_linears(
 
     Layer by layer: the fp32 Linear exists for one layer at a time, its init drawn on the CPU
     from a generator seeded by (seed, layer name), so every device, rank and method sees the same
-    dense init. Floating tensors of the result are cast to the run's dtype. Returns the count.
+    dense init. Floating tensors of the result are cast to the run's dtype. With `device` meta
+    nothing is drawn (a structural build, for checks and planning): `convert` then receives a
+    meta Linear and must not read its values. Returns the count.
     """
     count = 0
     for full, parent, attr, meta_linear in targeted_linears(model, target):
@@ -119,8 +121,11 @@ def swap_linears(
             meta_linear.out_features,
             bias=meta_linear.bias is not None,
             dtype=torch.float32,
+            device="meta",  # no default init to overwrite: the draw below is the only one
         )
-        init_linear_(linear, generator(seed, full), std)
+        if device.type != "meta":
+            linear = linear.to_empty(device="cpu")
+            init_linear_(linear, generator(seed, full), std)
         layer = parameterization.convert(linear, full, generator(seed, full, "method"))
         setattr(parent, attr, layer.to(device=device, dtype=dtype))
         count += 1
