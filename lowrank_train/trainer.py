@@ -247,7 +247,7 @@ class Trainer:
                         grad_norm,
                         window_start,
                         window_steps,
-                        (time.perf_counter() - started) / (p.step - first_step) * (end - p.step),
+                        end - p.step,
                     )
                     loss_sum.zero_()
                     window_start, window_steps = time.perf_counter(), 0
@@ -273,9 +273,10 @@ class Trainer:
         grad_norm: torch.Tensor,
         start: float,
         steps: int,
-        eta_s: float,
+        remaining: int,
     ) -> None:
-        """The one host sync of a logging window; under DDP the mean over every rank's shard."""
+        """The one host sync of a logging window; under DDP the mean over every rank's shard.
+        The ETA uses this window's pace, so a compile or a slow start does not inflate it."""
         loss = distributed.mean_across_ranks(mean_loss).item()
         p = self.progress
         if not math.isfinite(loss):
@@ -296,7 +297,7 @@ class Trainer:
                 "tok_s": self.tokens_per_step * steps / elapsed,
                 **self.memory.peaks(),
             },
-            eta_s=eta_s,
+            eta_s=elapsed / steps * remaining,
         )
 
     def finish(self, wall_s: float, first_step: int) -> RunResult:
