@@ -12,6 +12,8 @@ import resource
 
 import torch
 
+from lowrank_train.errors import ConfigError
+
 log = logging.getLogger(__name__)
 GIB = 2**30
 
@@ -29,8 +31,9 @@ class MemoryMonitor:
             if cap_gib > 0:
                 fraction = (cap_gib * GIB - self.context_bytes) / total
                 if fraction <= 0:
-                    raise ValueError(
-                        f"memory.cap_gib={cap_gib} is below the CUDA context ({self.context_bytes / GIB:.2f} GiB)"
+                    raise ConfigError(
+                        f"memory.cap_gib: {cap_gib} is below the CUDA context "
+                        f"({self.context_bytes / GIB:.2f} GiB); raise it or set 0 (no cap)"
                     )
                 torch.cuda.set_per_process_memory_fraction(min(fraction, 1.0), device)
                 log.info(

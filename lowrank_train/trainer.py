@@ -321,4 +321,7 @@ class Trainer:
 
 def train(cfg: RunConfig, resume: str | None = None) -> RunResult:
     """Run (or resume) the configured training; returns the trained model and its summary."""
-    return Trainer(cfg, resume).run()
+    try:
+        return Trainer(cfg, resume).run()
+    finally:
+        distributed.teardown()  # under torchrun: leave no process group behind

@@ -252,3 +252,15 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_run):
     runs = plain.parent / "runs"
     a, b = train_losses(runs / "plain"), train_losses(runs / "recompute")
     assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+
+
+def test_resume_latest_without_a_checkpoint_starts_from_step_0(tiny_run):
+    path = tiny_run("first", {"train": {"steps": 3}})
+    assert run(path, "--resume", "latest") == 0  # a preemptible job's first start
+    assert max(train_losses(path.parent / "runs" / "first")) == 3
+
+
+def test_export_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err, err
