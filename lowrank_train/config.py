@@ -87,7 +87,9 @@ class TrainConfig:
     clip_grad_norm: float = knob(1.0, "global gradient-norm clip (0 = off)")
     seed: int = knob(0, "seed of the init, the data order and every method's randomness")
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
-    compile: bool = knob(False, "torch.compile the model")
+    compile: bool = knob(
+        False, "torch.compile the forward and loss (the first steps pay the compile)"
+    )
 
 
 @dataclass
@@ -153,7 +155,9 @@ class OptimConfig:
     weight_decay: float = knob(0.0, "decoupled weight decay of matrices (never norms or biases)")
     betas: tuple[float, float] = knob((0.9, 0.999), "Adam betas")
     eps: float = knob(1e-8, "Adam epsilon")
-    per_layer: bool = knob(False, "step each tensor inside backward")
+    per_layer: bool = knob(
+        False, "step each tensor inside backward (refused until per-layer updates land)"
+    )
     state_dtype: Literal["auto", "float32", "bfloat16", "int8"] = knob(
         "auto", "moments of lowrank-train's own Adam (projected and quantized tensors)"
     )
