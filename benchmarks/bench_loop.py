@@ -64,6 +64,8 @@ def ours(case: dict) -> dict:
         f"memory.cap_gib={case['cap_gib']}",
         f"logging.every={LOG_EVERY}",
         "eval.max_tokens=2048",
+        "eval.every=0",  # the bare loop neither evaluates nor saves mid-run: neither do we here
+        "checkpoint.every=0",
         "model.autocast=auto",
         f"out_dir={out_dir}",
         "name=ours",
