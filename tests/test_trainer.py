@@ -163,14 +163,25 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tiny_run, capsys):
     assert "--resume latest" in capsys.readouterr().err
 
 
+def losses_of_two_runs(tiny_run, first: dict, second: dict) -> tuple[dict, dict]:
+    """Train two tiny runs that differ only by `first` vs `second`; their loss curves."""
+    paths = [tiny_run(name, extra) for name, extra in (("first", first), ("second", second))]
+    assert all(run(path) == 0 for path in paths)
+    a, b = (
+        train_losses(path.parent / "runs" / name)
+        for path, name in zip(paths, ("first", "second"), strict=True)
+    )
+    assert a.keys() == b.keys()
+    return a, b
+
+
 def test_grad_accum_matches_the_larger_batch(tiny_run):
     """Peers' per-layer mode ignores accumulation; here 2 x 4 sequences equal 1 x 8 up to rounding."""
-    one = tiny_run("one", {"train": {"batch_size": 8, "steps": 6}})
-    two = tiny_run("two", {"train": {"batch_size": 4, "grad_accum": 2, "steps": 6}})
-    assert run(one) == 0 and run(two) == 0
-    runs = one.parent / "runs"
-    a, b = train_losses(runs / "one"), train_losses(runs / "two")
-    assert a.keys() == b.keys()
+    a, b = losses_of_two_runs(
+        tiny_run,
+        {"train": {"batch_size": 8, "steps": 6}},
+        {"train": {"batch_size": 4, "grad_accum": 2, "steps": 6}},
+    )
     # Summation order differs (one mean of 8 vs two means of 4); fp32 rounding, amplified a
     # little by Adam over 6 steps, stays far below 1e-4.
     assert all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
@@ -235,22 +246,20 @@ def test_wandb_offline_logs_when_enabled(tiny_run, tmp_path):
 
 
 def test_compile_trains_on_cpu(tiny_run):
-    straight = tiny_run("eager", {"train": {"steps": 4}})
-    compiled = tiny_run("compiled", {"train": {"steps": 4, "compile": True}})
-    assert run(straight) == 0 and run(compiled) == 0
-    runs = straight.parent / "runs"
-    a, b = train_losses(runs / "eager"), train_losses(runs / "compiled")
+    a, b = losses_of_two_runs(
+        tiny_run, {"train": {"steps": 4}}, {"train": {"steps": 4, "compile": True}}
+    )
     # inductor fuses the loss differently: equal up to fp32 rounding, not bitwise
     assert all(abs(a[k] - b[k]) < 1e-3 for k in a), (a, b)
 
 
 def test_gradient_checkpointing_gives_the_same_steps(tiny_run):
     """Recomputing each decoder layer in backward changes memory, not the math."""
-    plain = tiny_run("plain", {"train": {"steps": 4}})
-    ckpt = tiny_run("recompute", {"train": {"steps": 4}, "model": {"gradient_checkpointing": True}})
-    assert run(plain) == 0 and run(ckpt) == 0
-    runs = plain.parent / "runs"
-    a, b = train_losses(runs / "plain"), train_losses(runs / "recompute")
+    a, b = losses_of_two_runs(
+        tiny_run,
+        {"train": {"steps": 4}},
+        {"train": {"steps": 4}, "model": {"gradient_checkpointing": True}},
+    )
     assert all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
 
 
