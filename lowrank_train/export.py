@@ -40,11 +40,10 @@ def export_checkpoint(source: Path, out_dir: Path) -> Path:
     cfg, _ = load_config(path / CONFIG_FILE)
     tokenizer_file = path / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    model = build_model(cfg, tokenizer.get_vocab_size(), torch.device("cpu"))
-    model.load_state_dict(checkpoint.model)
-    model.to(
-        checkpoint.model["model.embed_tokens.weight"].dtype
-    )  # export in the dtype it was trained in
+    # A structural (meta) build takes the checkpoint's tensors as they are: no init is drawn
+    # only to be overwritten, and the export keeps the dtype the run trained in.
+    model = build_model(cfg, tokenizer.get_vocab_size(), torch.device("meta"))
+    model.load_state_dict(checkpoint.model, assign=True)
     eos = tokenizer.id_to_token(eos_id(tokenizer, str(tokenizer_file)))
     export_dense(model, tokenizer_file, eos, out_dir)
     return out_dir

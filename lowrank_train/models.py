@@ -78,9 +78,14 @@ def resolve_dtypes(
     return dtype, None
 
 
+def is_norm(module: nn.Module) -> bool:
+    """LlamaRMSNorm and friends, recognised by class name (HF defines one class per model)."""
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def _init_(name: str, tensor: torch.Tensor, module: nn.Module, gen: torch.Generator) -> None:
     """LLaMA's init for a non-targeted tensor: norms 1, biases 0, matrices N(0, 0.02^2)."""
-    if type(module).__name__.endswith("RMSNorm") or name.endswith("bias"):
+    if is_norm(module) or name.endswith("bias"):
         tensor.fill_(1.0 if not name.endswith("bias") else 0.0)
     else:
         tensor.normal_(0.0, INIT_STD, generator=gen)
@@ -90,7 +95,9 @@ def materialize_(model: nn.Module, seed: int, device: torch.device, dtype: torch
     """Give every meta parameter real storage: drawn in fp32 on the CPU, then cast and moved.
     A meta `device` leaves the model structural (shapes and dtypes only)."""
     if device.type == "meta":
-        model.to(dtype=dtype)
+        for module in model.modules():  # parameters only: the rotary buffers stay fp32, as below
+            for p_name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, p_name, nn.Parameter(p.to(dtype), requires_grad=p.requires_grad))
         return
     for mod_name, module in model.named_modules():
         for p_name, p in list(module.named_parameters(recurse=False)):

@@ -253,7 +253,11 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if self.due(cfg.eval.every, end):
                     self.run_eval()
-                stopping = distributed.any_rank(stop.signal is not None, self.env.device)
+                # Ranks agree on a stop through an all-reduce, a host sync: under DDP only at
+                # logging steps, so a signal is answered within logging.every steps.
+                stopping = stop.signal is not None
+                if self.env.world_size > 1:
+                    stopping = log_now and distributed.any_rank(stopping, self.env.device)
                 if stopping or self.due(cfg.checkpoint.every, end):
                     self.save(step_loss)
                 if stopping:

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from lowrank_train.config import RunConfig
+from lowrank_train.models import is_norm
 from lowrank_train.optim.base import OPTIMIZERS
 from lowrank_train.optim.multi import MultiOptimizer
 
 log = logging.getLogger(__name__)
-
-NORM_TYPES = ("RMSNorm", "LayerNorm")
 
 
 @dataclass(frozen=True)
@@ -37,14 +36,14 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[nn.Parameter, Role]]:
     roles = {}
     for mod_name, module in model.named_modules():
         is_embedding = isinstance(module, nn.Embedding) or module is out_emb
-        is_norm = type(module).__name__.endswith(NORM_TYPES)
+        norm = is_norm(module)
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             roles[full] = (
                 p,
-                Role(other=is_embedding or is_norm, decay=p.ndim >= 2, embedding=is_embedding),
+                Role(other=is_embedding or norm, decay=p.ndim >= 2, embedding=is_embedding),
             )
     return roles
 
