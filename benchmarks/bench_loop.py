@@ -8,7 +8,7 @@ Cases (DESIGN.md, Benchmarks; the Foundation issue):
     MFU = 6 x all parameters x tokens/s / the bf16 matmul rate measured in the same call.
 Both sides read the same token cache (`--cache`, built by `lowrank-train` on any machine).
 
-    python benchmarks/bench_loop.py [--cache DIR] [--device-slug h100] [--steps 300] [--only 60m,350m,1b] [--repeat N]
+    python benchmarks/bench_loop.py [--cache DIR] [--steps 300] [--only 60m,350m,1b] [--repeat N] [--in-process]
 """
 
 from __future__ import annotations
@@ -150,7 +150,33 @@ def bare(case: dict) -> dict:
 def run_case(case: dict) -> dict:
     if case["provider"] == "matmul":
         return {"bf16_tflops": matmul_tflops()}
+    if case["provider"] == "sequence":
+        runs = [run_in_turn(c) for c in case["runs"]]
+        for run in runs[1:]:
+            # the CUDA context is read as the device memory in use at start, which after the
+            # first run includes what that run left cached: only the first peak is clean
+            run["peak_gib"] = None
+        return {"runs": runs}
     return ours(case) if case["provider"] == "ours" else bare(case)
+
+
+def run_in_turn(case: dict) -> dict:
+    """One run of a same-process sequence: the previous run's memory is freed and the peak
+    counters reset first, so each run's peak is its own."""
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return run_case(case)
+
+
+def in_one_process(cases: list[dict]) -> list[dict]:
+    """Each model's runs as one child case: alternation at the scale of one run, with the same
+    process, thread placement and allocator for both sides (launch-bound cases swing by 30%
+    between processes on a virtualised host)."""
+    models = list(dict.fromkeys(c["model"] for c in cases))
+    return [{"provider": "sequence", "runs": [c for c in cases if c["model"] == m]} for m in models]
 
 
 def main() -> None:
@@ -160,7 +186,9 @@ def main() -> None:
         help="token cache dir (train.npy, val.npy, tokenizer.json); default: build the embedded "
         "corpus with a 32000-token BPE here (needs `datasets`)",
     )
-    ap.add_argument("--device-slug", default="h100")
+    ap.add_argument(
+        "--device-slug", help="results file device word (default: from the device name)"
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--only", default="60m,350m,1b")
     ap.add_argument(
@@ -168,6 +196,11 @@ def main() -> None:
         type=int,
         default=1,
         help="alternate ours and the bare loop this many times (launch-bound cases are noisy)",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run each model's alternating runs in one child process instead of one each",
     )
     args = ap.parse_args()
     if args.cache is None:
@@ -184,7 +217,8 @@ def main() -> None:
     for key in args.only.split(","):
         model, batch, compile_ = shapes[key]
         for repeat in range(args.repeat):
-            for provider in ("ours", "torch"):
+            # alternate which side runs first, so drift over the call favours neither
+            for provider in ("ours", "torch")[:: 1 if repeat % 2 == 0 else -1]:
                 cases.append(
                     {
                         "provider": provider,
@@ -198,7 +232,14 @@ def main() -> None:
                         "repeat": repeat,
                     }
                 )
-    results = run_cases(Path(__file__).resolve(), cases)
+    if args.in_process:
+        grouped = run_cases(Path(__file__).resolve(), [cases[0], *in_one_process(cases[1:])])
+        results = [grouped[0]]
+        for group, res in zip(in_one_process(cases[1:]), grouped[1:], strict=True):
+            runs = res.get("runs") or [res] * len(group["runs"])  # an error stands for each run
+            results.extend(runs)
+    else:
+        results = run_cases(Path(__file__).resolve(), cases)
     tflops = results[0].get("bf16_tflops")
     rows, table = [], []
     for case, res in zip(cases[1:], results[1:], strict=True):
@@ -218,6 +259,7 @@ def main() -> None:
             "steps": case["steps"],
             "warmup_windows_dropped": 1,
             "repeat": case["repeat"],
+            "in_process": args.in_process,
         }
         rows.append(
             result_line(
@@ -239,7 +281,8 @@ def main() -> None:
             )
         )
         table.append(
-            f"{case['model']:<11} {case['provider']:<6} {tok_s:>10,.0f} tok/s  peak {res['peak_gib']:.2f} GiB"
+            f"{case['model']:<11} {case['provider']:<6} {tok_s:>10,.0f} tok/s  peak "
+            + (f"{res['peak_gib']:.2f} GiB" if res["peak_gib"] is not None else "n/a")
             + (f"  MFU {mfu:.1%}" if mfu else "")
         )
     path = write_results("loop", args.device_slug, rows)
@@ -247,17 +290,26 @@ def main() -> None:
     print("\n".join(table))
     for model in sorted({c["model"] for c in cases[1:]}):
         runs = {
-            p: [
-                r["metrics"]["tok_s"]
+            p: {
+                r["settings"]["repeat"]: r["metrics"]["tok_s"]
                 for r in rows
                 if r["case"]["model"] == model and r["provider"] == p
-            ]
+            }
             for p in ("ours", "torch")
         }
         if all(runs.values()):
-            ratio = quantiles(runs["ours"])["median"] / quantiles(runs["torch"])["median"]
+            ratio = (
+                quantiles(list(runs["ours"].values()))["median"]
+                / quantiles(list(runs["torch"].values()))["median"]
+            )
+            # each pair ran back to back, so its ratio is free of the drift between pairs
+            paired = [
+                runs["ours"][r] / runs["torch"][r] for r in runs["ours"] if r in runs["torch"]
+            ]
             print(
-                f"{model}: ours / bare = {ratio:.3f} (medians over {len(runs['ours'])} alternating runs each)"
+                f"{model}: ours / bare = {ratio:.3f} (medians over {len(runs['ours'])} runs each); "
+                f"per pair: median {quantiles(paired)['median']:.3f}, "
+                f"min {min(paired):.3f}, max {max(paired):.3f}"
             )
     print(f"results: {path}")
 

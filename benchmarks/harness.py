@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,18 @@ def device_name() -> str:
         if line.startswith("model name"):
             return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
     return platform.processor() or "cpu"
+
+
+def device_slug(name: str | None = None) -> str:
+    """The results file's device word: h100, h200, a100, rtx4090 for a GPU; cpu otherwise."""
+    name = name or device_name()
+    if "cores)" in name:
+        return "cpu"
+    words = re.sub(r"\b(NVIDIA|GeForce|AMD|Radeon)\b", "", name).replace("-", " ").split()
+    if not words:
+        return "gpu"
+    first = words[0].lower()
+    return first + words[1].lower() if first.isalpha() and len(words) > 1 else first
 
 
 def versions() -> dict[str, str]:
@@ -90,9 +103,10 @@ def result_line(
     }
 
 
-def write_results(bench: str, device_slug: str, rows: list[dict], out_dir: Path = RESULTS) -> Path:
+def write_results(bench: str, slug: str | None, rows: list[dict], out_dir: Path = RESULTS) -> Path:
+    """Append rows to <bench>_<slug>_<date>.jsonl; slug None: this machine's device_slug()."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{bench}_{device_slug}_{datetime.date.today().isoformat()}.jsonl"
+    path = out_dir / f"{bench}_{slug or device_slug()}_{datetime.date.today().isoformat()}.jsonl"
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

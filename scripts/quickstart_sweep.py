@@ -2,7 +2,7 @@
 
 Each candidate trains the quickstart for a fixed short schedule and reports validation loss and
 tokens/s; results go to benchmarks/results/quality_<device>_<date>.jsonl (bench "quality").
-    python scripts/quickstart_sweep.py [--steps 150] [--device-slug cpu]
+    python scripts/quickstart_sweep.py [--steps 150]
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def main() -> None:
         default=150,
         help="steps of the batch-8 candidates (batch 16 gets half)",
     )
-    ap.add_argument("--device-slug", default="cpu")
+    ap.add_argument(
+        "--device-slug", help="results file device word (default: from the device name)"
+    )
     ap.add_argument("--out-dir", default="runs/sweep")
     args = ap.parse_args()
     rows = []
