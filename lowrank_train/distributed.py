@@ -42,7 +42,10 @@ def setup(device_choice: str) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # bound to its device, so barriers need not guess it
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return DistInfo(rank, world, local_rank, device)
 
 
