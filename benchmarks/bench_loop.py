@@ -162,7 +162,7 @@ def run_case(case: dict) -> dict:
 
 def run_in_turn(case: dict) -> dict:
     """One run of a same-process sequence: the previous run's memory is freed and the peak
-    counters reset first, so each run's peak is its own."""
+    counters reset first, so each run's peak_alloc_gib is its own."""
     import gc
 
     gc.collect()
@@ -233,9 +233,10 @@ def main() -> None:
                     }
                 )
     if args.in_process:
-        grouped = run_cases(Path(__file__).resolve(), [cases[0], *in_one_process(cases[1:])])
+        groups = in_one_process(cases[1:])
+        grouped = run_cases(Path(__file__).resolve(), [cases[0], *groups])
         results = [grouped[0]]
-        for group, res in zip(in_one_process(cases[1:]), grouped[1:], strict=True):
+        for group, res in zip(groups, grouped[1:], strict=True):
             runs = res.get("runs") or [res] * len(group["runs"])  # an error stands for each run
             results.extend(runs)
     else:
