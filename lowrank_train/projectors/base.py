@@ -7,17 +7,41 @@ checkpoint and loads with `weights_only=True`. No projector object is ever store
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor
 from torch.nn import Parameter
 
+from lowrank_train.config import knob
 from lowrank_train.registry import Registry
 
 if TYPE_CHECKING:
     from lowrank_train.config import RunConfig
 
 State = dict[str, Any]  # tensors and plain values only
+
+
+@dataclass
+class LowRankOptions:
+    """Keys every low-rank projector has. Each projector's `Config` subclasses this and sets its
+    own official defaults, so an unset key means "the method's default" (one place per method)."""
+
+    rank: int = knob(128, "rank r of the projected gradient")
+    update_gap: int = knob(200, "T: steps between basis refreshes (or resamples)")
+    scale: float = knob(0.25, "alpha of the method's update, as its digest writes it")
+    moments_at_refresh: Literal["keep", "reset", "rotate"] = knob(
+        "keep", "moments at a refresh: keep (the official codes), reset, or rotate into the new basis"
+    )
+
+
+@dataclass
+class SVDOptions(LowRankOptions):
+    """Keys of the projectors whose basis comes from the gradient's singular vectors."""
+
+    svd: Literal["fast", "exact"] = knob(
+        "fast", "basis finder: fast (warm subspace iteration) or exact (torch.linalg.svd)"
+    )
 
 
 class Projector:
@@ -29,7 +53,7 @@ class Projector:
     def __init__(self, options: object | None = None):
         self.options = options if options is not None else self.Config()
 
-    def init_state(self, param: Parameter, index: int) -> State:
+    def init_state(self, param: Parameter, name: str) -> State:
         raise NotImplementedError
 
     def needs_refresh(self, state: State, step: int) -> bool:
