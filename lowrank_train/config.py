@@ -42,7 +42,9 @@ class ModelConfig:
         "auto", "storage of weights and gradients; auto: bfloat16 on CUDA, float32 on CPU"
     )
     autocast: Literal["auto", "off", "bfloat16"] = knob(
-        "auto", "compute dtype; auto: bfloat16 when dtype is float32 on CUDA, off otherwise"
+        "auto",
+        "compute dtype; auto: bfloat16 under float32 weights on CUDA or on a CPU with native bf16 "
+        "matmul (avx512_bf16/AMX), off otherwise",
     )
     gradient_checkpointing: bool = knob(False, "recompute each decoder layer in backward")
     hidden_size: int = knob(0, "override the preset (0 = preset)")

@@ -17,8 +17,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowrank_train.config import ModelConfig, RunConfig
+from lowrank_train.modules import is_norm
 from lowrank_train.parameterizations import PARAMETERIZATIONS, ParameterizedLinear
 from lowrank_train.parameterizations.base import swap_linears
+from lowrank_train.precision import resolve_precision
 from lowrank_train.seeding import generator
 
 log = logging.getLogger(__name__)
@@ -63,26 +65,6 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     )
 
 
-def resolve_dtypes(
-    cfg: ModelConfig, device: torch.device
-) -> tuple[torch.dtype, torch.dtype | None]:
-    """(storage dtype, autocast dtype or None) by DESIGN.md's precision rules."""
-    on_cuda = device.type == "cuda"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype) or (
-        torch.bfloat16 if on_cuda else torch.float32
-    )
-    if cfg.autocast == "bfloat16":
-        return dtype, torch.bfloat16
-    if cfg.autocast == "auto" and on_cuda and dtype == torch.float32:
-        return dtype, torch.bfloat16
-    return dtype, None
-
-
-def is_norm(module: nn.Module) -> bool:
-    """LlamaRMSNorm and friends, recognised by class name (HF defines one class per model)."""
-    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
-
-
 def _init_(name: str, tensor: torch.Tensor, module: nn.Module, gen: torch.Generator) -> None:
     """LLaMA's init for a non-targeted tensor: norms 1, biases 0, matrices N(0, 0.02^2)."""
     if is_norm(module) or name.endswith("bias"):
@@ -117,7 +99,7 @@ def materialize_(model: nn.Module, seed: int, device: torch.device, dtype: torch
 
 def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> LlamaForCausalLM:
     """The run's model: a LLaMA whose targeted Linears are the configured parameterization."""
-    dtype, _ = resolve_dtypes(cfg.model, device)
+    dtype = resolve_precision(cfg.model, device).dtype
     with init_empty_weights(include_buffers=False):
         model = LlamaForCausalLM(llama_config(cfg.model, vocab_size))
     parameterization = PARAMETERIZATIONS.get(cfg.weights.name)(cfg.weights.method)

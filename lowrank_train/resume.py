@@ -10,6 +10,7 @@ import yaml
 from lowrank_train.checkpoint import Checkpoint, find_latest, load_checkpoint
 from lowrank_train.config import RunConfig, flatten, to_dict
 from lowrank_train.errors import CheckpointError
+from lowrank_train.precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ RESUMABLE_PREFIXES = (
     "data.cache_dir",
     "data.cache",
 )
+# Compared by their resolved values (the checkpoint's `precision` record), not as written.
+PRECISION_KEYS = ("model.autocast", "model.dtype")
 
 
 def resolve_resume(resume: str, checkpoint_dir: Path) -> Checkpoint | None:
@@ -48,15 +51,32 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Checkpoint | None:
     return load_checkpoint(path)
 
 
-def check_resumable(checkpoint: Checkpoint, cfg: RunConfig, world_size: int) -> None:
-    """Refuse, in one line naming the keys, a config that changes the math of the steps taken."""
+def check_resumable(
+    checkpoint: Checkpoint, cfg: RunConfig, world_size: int, precision: Precision
+) -> None:
+    """Refuse, in one line naming the keys, a config that changes the math of the steps taken.
+
+    Precision is compared as resolved, not as written: `model.autocast: auto` may resolve
+    differently on another machine (bf16 where the CPU has native bf16 matmul, fp32 elsewhere),
+    and an explicit value that reproduces the saved resolution continues the same math.
+    """
     saved = flatten(yaml.safe_load(checkpoint.config_yaml))
     now = flatten(to_dict(cfg))
+    saved_precision = checkpoint.trainer.get("precision")  # absent before it was recorded
+    compared_as_written = RESUMABLE_PREFIXES + (PRECISION_KEYS if saved_precision else ())
     changed = sorted(
         k
         for k in saved.keys() | now.keys()
-        if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_PREFIXES)
+        if saved.get(k) != now.get(k) and not k.startswith(compared_as_written)
     )
+    if saved_precision and saved_precision != precision.record():
+        was, now_is = saved_precision, precision.record()
+        raise CheckpointError(
+            f"{checkpoint.path}: cannot resume: it trained with weights {was['dtype']}, autocast "
+            f"{was['autocast']}; here they resolve to {now_is['dtype']}, {now_is['autocast']} "
+            f"({precision.reason}); continue it with model.autocast={was['autocast']}"
+            + (f" model.dtype={was['dtype']}" if was["dtype"] != now_is["dtype"] else "")
+        )
     if changed:
         detail = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(

@@ -34,10 +34,11 @@ from lowrank_train.errors import CheckpointError, NonFiniteLossError
 from lowrank_train.evaluation import causal_lm_loss, compute_context, evaluate
 from lowrank_train.memory import MemoryMonitor
 from lowrank_train.metrics import Metrics
-from lowrank_train.models import build_model, describe, resolve_dtypes
+from lowrank_train.models import build_model, describe
 from lowrank_train.optim import build_optimizer
 from lowrank_train.optim.schedule import build_scheduler, warmup_steps
 from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.precision import resolve_precision, warn_if_emulated
 from lowrank_train.resume import check_resumable, resolve_resume
 from lowrank_train.stopping import StopFlag
 
@@ -80,8 +81,9 @@ class Trainer:
         self.cfg, self.env = cfg, distributed.setup(cfg.train.device)
         device = self.env.device
         checkpoint = resolve_resume(resume, cfg.checkpoint_dir) if resume else None
+        self.precision = resolve_precision(cfg.model, device)
         if checkpoint is not None:  # before anything is built: a refusal costs nothing
-            check_resumable(checkpoint, cfg, self.env.world_size)
+            check_resumable(checkpoint, cfg, self.env.world_size, self.precision)
         if self.env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -90,15 +92,17 @@ class Trainer:
         self.data = prepare_data(cfg.data, cfg.model.preset, self.env.rank, self.env.world_size)
         check_sizes(self.data, cfg.model.seq_len, cfg.train.batch_size * self.env.world_size)
         self.model = build_model(cfg, self.data.vocab_size, device)
-        dtype, self.autocast = resolve_dtypes(cfg.model, device)
+        self.autocast = self.precision.autocast
         log.info(
-            "%s | weights %s, autocast %s, device %s x%d",
+            "%s | weights %s, autocast %s (%s), device %s x%d",
             describe(self.model, cfg),
-            dtype,
+            self.precision.dtype,
             self.autocast or "off",
+            self.precision.reason,
             device,
             self.env.world_size,
         )
+        warn_if_emulated(self.precision, device)
         self.optimizer = build_optimizer(cfg, self.model, device)
         self.total = total_steps(cfg, self.env.world_size)
         warmup = warmup_steps(self.total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
@@ -198,6 +202,7 @@ class Trainer:
                 "loader": self.loader.state_dict(),
                 "rng": ckpt.capture_rng(),
                 "world_size": self.env.world_size,
+                "precision": self.precision.record(),
                 "best_val_loss": p.best_val_loss,
                 "last_val_loss": p.last_val_loss,
             }
@@ -241,6 +246,8 @@ class Trainer:
                 )
                 loss_sum += step_loss
                 window_steps += 1
+                if p.step == first_step + 1 and not log_now:
+                    self.log_first_step(step_loss, started, end)
                 if log_now:
                     self.log_window(
                         loss_sum / window_steps,
@@ -270,6 +277,23 @@ class Trainer:
                 self.run_eval()
                 self.save(step_loss)
         return self.finish(time.perf_counter() - started, first_step)
+
+    def log_first_step(self, step_loss: torch.Tensor, started: float, end: int) -> None:
+        """Nothing may look hung: the first step's wall time and when the first progress line
+        comes (one host sync, once)."""
+        distributed.mean_across_ranks(step_loss).item()
+        first_s = time.perf_counter() - started
+        every = self.cfg.logging.every
+        next_log = min(end, (self.progress.step // every + 1) * every)
+        log.info(
+            "step %d took %.1f s (the first pays warm-up%s); first progress line at step %d "
+            "within about %.0f s",
+            self.progress.step,
+            first_s,
+            " and the compile" if self.cfg.train.compile else "",
+            next_log,
+            first_s * (next_log - self.progress.step),
+        )
 
     def log_window(
         self,

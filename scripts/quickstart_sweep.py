@@ -13,15 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import result_line, write_results  # noqa: E402
 
-CANDIDATES = [  # (lr, batch_size, autocast)
-    (1e-3, 8, "bfloat16"),
-    (2e-3, 8, "bfloat16"),
-    (4e-3, 8, "bfloat16"),
-    (2e-3, 8, "off"),
-    (2e-3, 16, "bfloat16"),
+CANDIDATES = [  # (lr, batch_size); each runs at the precision --autocast names
+    (1e-3, 8),
+    (2e-3, 8),
+    (3e-3, 8),
+    (4e-3, 8),
+    (2e-3, 4),
+    (2e-3, 16),
 ]
 
 
@@ -37,9 +40,23 @@ def main() -> None:
         "--device-slug", help="results file device word (default: from the device name)"
     )
     ap.add_argument("--out-dir", default="runs/sweep")
+    ap.add_argument(
+        "--autocast",
+        choices=["off", "bfloat16"],
+        default="off",
+        help="precision of every candidate: off (fp32, the path of a CPU without native bf16) "
+        "or bfloat16 (only where the CPU has native bf16 matmul)",
+    )
+    ap.add_argument(
+        "--candidates", default="", help="comma-separated lr:batch pairs (default: the grid above)"
+    )
     args = ap.parse_args()
+    autocast = args.autocast
+    grid = CANDIDATES
+    if args.candidates:
+        grid = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.candidates.split(",")]
     rows = []
-    for lr, batch, autocast in CANDIDATES:
+    for lr, batch in grid:
         steps = args.steps * 8 // batch  # the same tokens for every candidate
         name = f"lr{lr:g}_b{batch}_{autocast}"
         cmd = [
@@ -64,6 +81,7 @@ def main() -> None:
         if not done.exists():  # a candidate already run keeps its result: the sweep resumes
             subprocess.run(cmd, check=True)
         summary = json.loads(done.read_text())
+        resolved = yaml.safe_load((done.parent / "config.yaml").read_text())
         print(
             f"{name}: val_loss {summary['final_val_loss']:.4f} tok/s {summary['tok_s']:.0f}",
             flush=True,
@@ -87,7 +105,7 @@ def main() -> None:
                     "dtype": "float32",
                     "steps": steps,
                     "warmup_ratio": 0.1,
-                    "eval_max_tokens": 65536,
+                    "eval_max_tokens": resolved["eval"]["max_tokens"],
                     "command": " ".join(cmd[2:]),
                 },
                 metrics={
