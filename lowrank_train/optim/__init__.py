@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_train.config import RunConfig
-from lowrank_train.models import is_norm
+from lowrank_train.modules import is_norm
 from lowrank_train.optim.base import OPTIMIZERS
 from lowrank_train.optim.multi import MultiOptimizer
 
@@ -77,7 +77,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> M
     """The run's optimizer; logs what each inner optimizer owns and checks ownership."""
     groups = build_groups(model, cfg)
     inner = OPTIMIZERS.get(cfg.optim.name)().build(groups, cfg.optim, device)
-    optimizer = MultiOptimizer(inner)
+    optimizer = MultiOptimizer(inner, {p: n for n, p in model.named_parameters()})
     for name, opt in inner.items():
         params = [p for g in opt.param_groups for p in g["params"]]
         log.info(

@@ -49,8 +49,15 @@ class ParameterizedLinear(nn.Module):
         )
         return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """Periodic events after an optimizer step (e.g. a merge); none by default."""
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """Periodic work after optimizer step `step` (e.g. LoQT's merge); returns its events.
+
+        Each event is a JSON-ready dict, `{"event": "merge", "step": step, ...}`; the loop
+        writes them to metrics.jsonl at the next logging step. A method touches optimizer state
+        only through `optimizer.param_state(p)`. The loop calls only layers whose class
+        overrides this; the default does nothing and returns [].
+        """
+        return []
 
     def writers(self) -> dict[str, Writer]:
         """Quantized tensors and how to write updates into them; none by default."""
