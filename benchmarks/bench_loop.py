@@ -50,7 +50,7 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
 
 
 def ours(case: dict) -> dict:
-    from lowrank_train.config import load_config
+    from lowrank_train.resolve import load_run
     from lowrank_train.trainer import train
 
     out_dir = tempfile.mkdtemp(prefix="bench_loop_")
@@ -71,7 +71,7 @@ def ours(case: dict) -> dict:
         "name=ours",
         "train.lr=1e-4",
     ]
-    cfg, _ = load_config(
+    cfg, _ = load_run(
         Path(__file__).resolve().parents[1] / "configs" / "runs" / "quickstart.yaml", overrides
     )
     result = train(cfg)

@@ -38,9 +38,9 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lowrank_train.config import load_config
+    from lowrank_train.resolve import load_run
 
-    cfg, _ = load_config(args.config, args.overrides)
+    cfg, _ = load_run(args.config, args.overrides)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, cfg.run_dir / "train.log")
     from lowrank_train.models import generate_samples
@@ -71,6 +71,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from lowrank_train.optim import OPTIMIZERS
     from lowrank_train.parameterizations import PARAMETERIZATIONS
     from lowrank_train.projectors import PROJECTORS
+    from lowrank_train.resolve import supported_combinations
 
     rows = [
         ("parameterizations (weights.name)", PARAMETERIZATIONS),
@@ -82,9 +83,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for cls in registry:
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             print(f"  {cls.name:<14} {doc}")
-    print("supported combinations (weights x projector):")
-    for p in PARAMETERIZATIONS:
-        print(f"  {p.name:<14} " + ", ".join(PROJECTORS.names()))
+    print("supported combinations (weights + projector: optimizers; those validate accepts):")
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for weights, projector, optimizer in supported_combinations():
+        by_pair.setdefault((weights, projector), []).append(optimizer)
+    for (weights, projector), optimizers in by_pair.items():
+        print(f"  {weights + ' + ' + projector:<28} {', '.join(optimizers)}")
     return 0
 
 

@@ -2,8 +2,13 @@
 
 Precedence: dataclass defaults < `include:` files (in order, later wins) < the run file < CLI
 overrides. Every problem is one `ConfigError` line naming the file, the dotted key, the bad
-value and what is allowed. Method keys (under `weights:` and `optim.projector:`) are checked
-against the registered method's own `Config` dataclass.
+value and what is allowed.
+
+This module imports no method package. A method section (`weights:`, `optim.projector:`) is
+parsed into its `name` (and `weights.target`) plus a plain dict of its other keys
+(`MethodSection.options`; `Sources` keeps the file of each); `lowrank_train.resolve` then
+checks those keys against the registered method's own `Config` and runs the methods'
+`validate`. A run is loaded with `resolve.load_run`; `load_config` here only parses.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from lowrank_train.errors import ConfigError
-from lowrank_train.registry import Registry, UnknownName, suggest
+from lowrank_train.registry import suggest
 
 CLI = "command line"
 
@@ -126,10 +131,16 @@ class MemoryConfig:
 
 @dataclass
 class MethodSection:
-    """A section whose `name` picks a registered class; its other keys go to that class's Config."""
+    """A section whose `name` picks a registered class; its other keys go to that class's Config.
 
-    name: str
-    method: Any  # the registered class's Config instance
+    `options`: the other keys as parsed (plain values; not compared: a resolved config equals
+    its reloaded dump). `method`: the registered class's `Config` built from them by
+    `resolve.resolve`; None until then.
+    """
+
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    method: Any = None
 
 
 @dataclass
@@ -138,17 +149,17 @@ class WeightsConfig(MethodSection):
     target: list[str] = knob(
         list(LINEAR_NAMES), "Linear layers (by attribute name) to parameterize"
     )
-    method: Any = None
 
 
 @dataclass
 class ProjectorConfig(MethodSection):
+    """Only the name: every other key, shared ones (rank, update_gap, scale, svd,
+    moments_at_refresh) included, is the projector's own `Config`, with its own defaults."""
+
     name: str = knob("none", "gradient projector (lowrank-train methods)")
-    rank: int = knob(128, "rank of the projected gradient")
-    update_gap: int = knob(200, "steps between basis refreshes")
-    scale: float = knob(0.25, "alpha of the method's update")
-    svd: Literal["fast", "exact"] = knob("fast", "basis finder")
-    method: Any = None
+
+
+SECTION_FIELDS = ("options", "method")  # MethodSection's bookkeeping, never YAML keys
 
 
 @dataclass
@@ -287,7 +298,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _cast(value: Any, tp: Any, where: str) -> Any:
+def cast(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
@@ -336,42 +347,28 @@ def _cast(value: Any, tp: Any, where: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise bad
-        return [_cast(v, item, where) for v in value]
+        return [cast(v, item, where) for v in value]
     if origin is tuple:
         items = typing.get_args(tp)
         if not isinstance(value, list | tuple) or len(value) != len(items):
             raise bad
-        return tuple(_cast(v, t, where) for v, t in zip(value, items, strict=True))
+        return tuple(cast(v, t, where) for v, t in zip(value, items, strict=True))
     raise TypeError(f"config field type {tp} has no cast")  # a bug in the dataclass tree
 
 
-def _method_registry(section: type) -> Registry:
-    # Imported here: the method packages import this module for their Config base types.
-    if section is WeightsConfig:
-        from lowrank_train.parameterizations import PARAMETERIZATIONS
+def build(cls: type, data: dict, prefix: str, sources: Sources, run_file: str) -> Any:
+    """Dataclass `cls` from `data`, refusing unknown keys and casting each value.
 
-        return PARAMETERIZATIONS
-    from lowrank_train.projectors import PROJECTORS
-
-    return PROJECTORS
-
-
-def _build(cls: type, data: dict, prefix: str, sources: Sources, run_file: str) -> Any:
-    """Dataclass `cls` from `data`, refusing unknown keys and casting each value."""
+    A `MethodSection` keeps the keys that are not its own fields, uncast, in `options`
+    (`resolve` checks them against the method's Config). Used by `resolve` for those Configs.
+    """
     hints = typing.get_type_hints(cls)
-    own = {f.name for f in dataclasses.fields(cls) if f.name != "method"}
+    method_section = issubclass(cls, MethodSection)
+    own = {f.name for f in dataclasses.fields(cls)} - (
+        set(SECTION_FIELDS) if method_section else set()
+    )
     kwargs: dict[str, Any] = {}
-    method_cls = None
-    if issubclass(cls, MethodSection):
-        name = data.get("name", cls.name)
-        where = f"{sources.of(prefix + 'name', run_file)}: {prefix}name"
-        name = _cast(name, str, where)
-        try:
-            method_cls = _method_registry(cls).get(name).Config
-        except UnknownName as e:
-            raise ConfigError(f"{where}: {e.message}") from None
-    method_keys = {f.name for f in dataclasses.fields(method_cls)} if method_cls else set()
-    method_data = {}
+    options: dict[str, Any] = {}
     for key, value in data.items():
         dotted = prefix + key
         where = f"{sources.of(dotted, run_file)}: {dotted}"
@@ -380,30 +377,38 @@ def _build(cls: type, data: dict, prefix: str, sources: Sources, run_file: str) 
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, dict):
                     raise ConfigError(f"{where}: is a section; give keys under it, not {value!r}")
-                kwargs[key] = _build(tp, value, dotted + ".", sources, run_file)
+                kwargs[key] = build(tp, value, dotted + ".", sources, run_file)
             else:
-                kwargs[key] = _cast(value, tp, where)
-        elif key in method_keys:
-            method_data[key] = value
+                kwargs[key] = cast(value, tp, where)
+        elif method_section:
+            options[key] = value
         else:
-            choices = sorted(own | method_keys)
-            owner = f" of {data.get('name', cls.name)}" if method_cls else ""
+            choices = sorted(own)
             raise ConfigError(
-                f"{where}: unknown key{owner}{suggest(key, choices) or ' (known: ' + ', '.join(choices) + ')'}"
+                f"{where}: unknown key{suggest(key, choices) or ' (known: ' + ', '.join(choices) + ')'}"
             )
-    for key in (
-        own - kwargs.keys()
-    ):  # absent sections still build, so method sections get their Config
+    for key in own - kwargs.keys():  # absent sections still build
         if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], {}, f"{prefix}{key}.", sources, run_file)
-    obj = cls(**kwargs)
-    if method_cls is not None:
-        obj.method = _build(method_cls, method_data, prefix, sources, run_file)
-    return obj
+            kwargs[key] = build(hints[key], {}, f"{prefix}{key}.", sources, run_file)
+    if method_section:
+        kwargs["options"] = options
+    return cls(**kwargs)
+
+
+def config_from_dict(
+    tree: dict, sources: Sources | None = None, run_file: str = CLI
+) -> tuple[RunConfig, Sources]:
+    """Build and check a run config from a merged YAML tree (methods not resolved yet)."""
+    sources = sources if sources is not None else Sources()
+    cfg = build(RunConfig, tree, "", sources, run_file)
+    validate(cfg, sources, run_file)
+    return cfg, sources
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, Sources]:
-    """Compose, override, build and check a run config. Raises ConfigError (one line)."""
+    """Compose, override, build and check a run config; methods stay unresolved (their keys
+    in `options`, `method` None). For a run, call `resolve.load_run`, which also resolves
+    them. Raises ConfigError (one line)."""
     path = Path(path)
     merged: dict = {}
     sources = Sources()
@@ -412,15 +417,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig,
         key, value = parse_override(text)
         _set_dotted(merged, key, value)
         sources[key] = CLI
-    cfg = _build(RunConfig, merged, "", sources, str(path))
+    cfg, _ = config_from_dict(merged, sources, str(path))
     if not cfg.name:
         cfg.name = path.stem
-    validate(cfg, sources, str(path))
     return cfg, sources
 
 
 def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
-    """Cross-key checks, before anything is built."""
+    """Cross-key checks that need no method (`resolve.check_methods` does the rest)."""
 
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{sources.of(key, run_file)}: {key}: {message}")
@@ -493,41 +497,11 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
         fail("optim.eps", f"{cfg.optim.eps} must be positive")
     if cfg.optim.weight_decay < 0:
         fail("optim.weight_decay", f"{cfg.optim.weight_decay} must be >= 0")
-    from lowrank_train.optim import OPTIMIZERS
-
-    if cfg.optim.name not in OPTIMIZERS:
-        fail("optim.name", UnknownName("optimizer", cfg.optim.name, OPTIMIZERS.names()).message)
     if cfg.optim.per_layer:
         fail(
             "optim.per_layer",
             "true is not available yet: per-layer updates land with their own issue",
         )
-    proj = cfg.optim.projector
-    if proj.name == "none":
-        defaults = ProjectorConfig()
-        for key in ("rank", "update_gap", "scale", "svd"):
-            if getattr(proj, key) != getattr(defaults, key):
-                fail(
-                    f"optim.projector.{key}",
-                    f"{getattr(proj, key)!r} is set but optim.projector.name is none",
-                )
-    if cfg.optim.state_dtype != "auto" and proj.name == "none" and not _has_writers(cfg):
-        fail(
-            "optim.state_dtype",
-            f"{cfg.optim.state_dtype} has no effect: no tensor is trained by lowrank-train's own "
-            "Adam (set a projector or quantized weights); the optimizer's own state rules apply",
-        )
-    from lowrank_train.parameterizations import PARAMETERIZATIONS
-    from lowrank_train.projectors import PROJECTORS
-
-    PARAMETERIZATIONS.get(cfg.weights.name)().validate(cfg)
-    PROJECTORS.get(proj.name)().validate(cfg)
-
-
-def _has_writers(cfg: RunConfig) -> bool:
-    from lowrank_train.parameterizations import PARAMETERIZATIONS
-
-    return PARAMETERIZATIONS.get(cfg.weights.name).quantized
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,14 +509,16 @@ def _has_writers(cfg: RunConfig) -> bool:
 
 
 def to_dict(obj: Any) -> Any:
+    """Plain data of a config; a method section's keys sit beside its `name` (the resolved
+    Config's fields, every default included, or the parsed options before resolving)."""
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name == "method" and isinstance(obj, MethodSection):
-                out.update(to_dict(value) if value is not None else {})
-            else:
-                out[f.name] = to_dict(value)
+            if isinstance(obj, MethodSection) and f.name in SECTION_FIELDS:
+                continue
+            out[f.name] = to_dict(getattr(obj, f.name))
+        if isinstance(obj, MethodSection):
+            out.update(to_dict(obj.method) if obj.method is not None else obj.options)
         return out
     if isinstance(obj, tuple | list):
         return [to_dict(v) for v in obj]
@@ -565,11 +541,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def field_docs(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every field: the README's config reference."""
+    """(dotted key, default, help) for every field of `cls` (method sections: their own fields
+    only; `resolve.method_field_docs` gives each method's keys): the README's reference."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "method":
+        if issubclass(cls, MethodSection) and f.name in SECTION_FIELDS:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):

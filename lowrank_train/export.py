@@ -14,10 +14,10 @@ from lowrank_train.checkpoint import (
     find_latest,
     load_checkpoint,
 )
-from lowrank_train.config import load_config
 from lowrank_train.data import eos_id
 from lowrank_train.errors import CheckpointError
 from lowrank_train.models import build_model, export_dense
+from lowrank_train.resolve import load_run
 
 
 def checkpoint_of(source: Path) -> Path:
@@ -37,7 +37,7 @@ def export_checkpoint(source: Path, out_dir: Path) -> Path:
     """Rebuild the run's model from its checkpoint and write it as a plain dense HF model."""
     path = checkpoint_of(source)
     checkpoint = load_checkpoint(path)
-    cfg, _ = load_config(path / CONFIG_FILE)
+    cfg, _ = load_run(path / CONFIG_FILE)
     tokenizer_file = path / TOKENIZER_FILE
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     # A structural (meta) build takes the checkpoint's tensors as they are: no init is drawn

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -9,9 +12,12 @@ import torch
 import yaml
 
 from lowrank_train.cli import main
-from lowrank_train.config import RunConfig, dump_yaml, load_config
+from lowrank_train.config import RunConfig, dump_yaml
 from lowrank_train.errors import ConfigError
 from lowrank_train.models import PRESETS, build_model
+from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.base import LowRankOptions, Projector
+from lowrank_train.resolve import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,14 +34,14 @@ def run_file(tmp_path: Path) -> Path:
 
 def error_of(path: Path, overrides: list[str] = ()) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_run(path, overrides)
     message = str(info.value)
     assert "\n" not in message, message
     return message
 
 
 def test_defaults_and_name(run_file):
-    cfg, _ = load_config(run_file)
+    cfg, _ = load_run(run_file)
     assert cfg.name == "run" and cfg.train.steps == 10 and cfg.model.preset == "llama_20m"
     assert cfg.run_dir == Path("runs/run")
 
@@ -47,7 +53,7 @@ def test_precedence_defaults_include_file_cli(tmp_path):
         tmp_path / "run.yaml",
         {"include": ["a.yaml", "b.yaml"], "train": {"steps": 5, "batch_size": 6}},
     )
-    cfg, sources = load_config(run, ["model.seq_len=32"])
+    cfg, sources = load_run(run, ["model.seq_len=32"])
     assert cfg.train.lr == 0.2  # later include wins over earlier
     assert cfg.train.batch_size == 6  # run file wins over includes
     assert cfg.model.seq_len == 32  # CLI wins over everything
@@ -56,7 +62,7 @@ def test_precedence_defaults_include_file_cli(tmp_path):
 
 
 def test_overrides_cast_to_field_type(run_file):
-    cfg, _ = load_config(
+    cfg, _ = load_run(
         run_file,
         [
             "train.lr=3e-4",
@@ -75,7 +81,7 @@ def test_overrides_cast_to_field_type(run_file):
 
 
 def test_tokens_as_float_literal(tmp_path):
-    cfg, _ = load_config(write(tmp_path / "r.yaml", "train:\n  tokens: 1e6\n"))
+    cfg, _ = load_run(write(tmp_path / "r.yaml", "train:\n  tokens: 1e6\n"))
     assert cfg.train.tokens == 1_000_000 and cfg.train.steps == 0
 
 
@@ -132,7 +138,22 @@ def test_tokens_as_float_literal(tmp_path):
         (
             {"train": {"steps": 10}},
             ["optim.projector.rank=64"],
-            "optim.projector.rank: 64 is set but optim.projector.name is none",
+            "optim.projector.rank: 64 does not apply to projector none (it has no keys)",
+        ),
+        (
+            {"train": {"steps": 10}, "optim": {"projector": {"svd": "exact"}}},
+            [],
+            "optim.projector.svd: 'exact' does not apply to projector none",
+        ),
+        (
+            {"train": {"steps": 10}},
+            ["optim.projector.name=galroe"],
+            "optim.projector.name: unknown projector 'galroe'; registered: ",
+        ),
+        (
+            {"train": {"steps": 10}, "weights": {"rnak": 4}},
+            [],
+            "weights.rnak: unknown key of dense (it has no keys)",
         ),
         (
             {"train": {"steps": 10}},
@@ -189,8 +210,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, run_file, argv, key):
 
 
 def test_resolved_config_round_trips(run_file, tmp_path):
-    cfg, _ = load_config(run_file, ["train.lr=5e-4", "optim.betas=[0.9,0.95]"])
-    again, _ = load_config(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
+    cfg, _ = load_run(run_file, ["train.lr=5e-4", "optim.betas=[0.9,0.95]"])
+    again, _ = load_run(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
     assert again == cfg
     assert isinstance(cfg, RunConfig)
 
@@ -199,7 +220,7 @@ def test_every_shipped_config_loads(tmp_path):
     runs = sorted((ROOT / "configs" / "runs").glob("*.yaml"))
     assert runs, "configs/runs is empty"
     for path in runs:
-        cfg, _ = load_config(path)
+        cfg, _ = load_run(path)
         model = build_model(cfg, 32000, torch.device("meta"))  # structural: no values drawn
         preset = PRESETS[cfg.model.preset]
         assert model.config.num_hidden_layers == (cfg.model.num_layers or preset.layers), path
@@ -211,13 +232,13 @@ def test_every_shipped_config_loads(tmp_path):
             run.write_text(
                 yaml.safe_dump({"include": [str(fragment.resolve())], "train": {"steps": 10}})
             )
-            load_config(run)
+            load_run(run)
 
 
 def test_yaml_off_reads_as_the_string_off(tmp_path):
-    cfg, _ = load_config(write(tmp_path / "r.yaml", "train: {steps: 1}\nmodel:\n  autocast: off\n"))
+    cfg, _ = load_run(write(tmp_path / "r.yaml", "train: {steps: 1}\nmodel:\n  autocast: off\n"))
     assert cfg.model.autocast == "off"
-    cfg, _ = load_config(tmp_path / "r.yaml", ["model.autocast=bfloat16"])
+    cfg, _ = load_run(tmp_path / "r.yaml", ["model.autocast=bfloat16"])
     assert cfg.model.autocast == "bfloat16"
 
 
@@ -227,3 +248,127 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolve step, with a projector registered only for these tests.
+
+
+class Mini(Projector):
+    """A rank-1 random projection (no `svd` key), refusing any other rank in `validate`."""
+
+    name = "mini_test"
+
+    @dataclass
+    class Config(LowRankOptions):
+        rank: int = 1
+        scale: float = 11.3137
+        seed_offset: int = 0
+
+    def validate(self, cfg):
+        if self.options.rank != 1:
+            raise ConfigError(f"optim.projector.rank: {self.options.rank} must be 1 for mini_test")
+
+
+@pytest.fixture
+def mini(monkeypatch):
+    monkeypatch.setitem(PROJECTORS._entries, Mini.name, Mini)
+    return Mini
+
+
+def test_load_config_only_parses_and_imports_no_method_package(tmp_path):
+    run = write(
+        tmp_path / "run.yaml",
+        {"train": {"steps": 3}, "optim": {"projector": {"name": "x", "rank": 4}}},
+    )
+    code = (
+        "import sys; from lowrank_train.config import load_config; "
+        f"cfg, _ = load_config({str(run)!r}); "
+        "assert cfg.optim.projector.options == {'rank': 4} and cfg.optim.projector.method is None; "
+        "bad = [m for m in sys.modules if m.startswith(('lowrank_train.parameterizations', "
+        "'lowrank_train.projectors', 'lowrank_train.optim', 'lowrank_train.models'))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_method_defaults_come_from_the_method_and_validate_sees_the_users_options(tmp_path, mini):
+    run = write(
+        tmp_path / "run.yaml",
+        {"train": {"steps": 3}, "optim": {"projector": {"name": "mini_test"}}},
+    )
+    cfg, _ = load_run(run)
+    assert cfg.optim.projector.method == Mini.Config()  # rank 1, scale 11.3137: its own defaults
+    assert cfg.optim.projector.method.update_gap == LowRankOptions().update_gap
+    cfg, _ = load_run(run, ["optim.projector.seed_offset=3"])
+    assert cfg.optim.projector.method.seed_offset == 3
+    # validate runs on the method built with the user's options, and the file is named
+    assert error_of(run, ["optim.projector.rank=2"]) == (
+        "command line: optim.projector.rank: 2 must be 1 for mini_test"
+    )
+    frag = write(tmp_path / "frag.yaml", {"optim": {"projector": {"rank": 4}}})
+    inc = write(tmp_path / "inc.yaml", {"include": ["frag.yaml", "run.yaml"]})
+    assert error_of(inc) == f"{frag}: optim.projector.rank: 4 must be 1 for mini_test"
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "optim.projector.svd=exact",
+            "optim.projector.svd: 'exact' does not apply to projector mini_test (its keys: rank, "
+            "update_gap, scale, moments_at_refresh, seed_offset)",
+        ),
+        ("optim.projector.sead_offset=1", "unknown key of mini_test (did you mean seed_offset?)"),
+        ("optim.projector.scale=big", "optim.projector.scale: 'big' is not float"),
+        (
+            "optim.projector.moments_at_refresh=rotat",
+            "is not one of keep, reset, rotate (did you mean rotate?)",
+        ),
+    ],
+)
+def test_method_key_errors_are_one_line_naming_the_key(tmp_path, mini, override, expected):
+    run = write(
+        tmp_path / "run.yaml",
+        {"train": {"steps": 3}, "optim": {"projector": {"name": "mini_test"}}},
+    )
+    message = error_of(run, [override])
+    assert expected in message and message.startswith("command line: "), message
+
+
+def test_resolved_method_round_trips_with_its_keys_flattened(tmp_path, mini):
+    run = write(
+        tmp_path / "run.yaml",
+        {"train": {"steps": 3}, "optim": {"projector": {"name": "mini_test"}}},
+    )
+    cfg, _ = load_run(run, ["optim.projector.update_gap=7"])
+    dumped = yaml.safe_load(dump_yaml(cfg))
+    assert dumped["optim"]["projector"] == {
+        "name": "mini_test",
+        "rank": 1,
+        "update_gap": 7,
+        "scale": 11.3137,
+        "moments_at_refresh": "keep",
+        "seed_offset": 0,
+    }
+    again, _ = load_run(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, key",
+    [
+        (["optim.projector.name=galroe"], "unknown projector 'galroe'"),
+        (["optim.projector.name=mini_test", "optim.projector.rnk=2"], "unknown key of mini_test"),
+        (
+            ["optim.projector.name=mini_test", "optim.projector.svd=fast"],
+            "does not apply to projector mini_test",
+        ),
+        (["optim.projector.name=mini_test", "optim.projector.rank=3"], "3 must be 1 for mini_test"),
+    ],
+)
+def test_cli_refuses_bad_method_input_in_one_line(run_file, capsys, mini, argv, key):
+    code = main(["train", str(run_file), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and key in err and "Traceback" not in err, err

@@ -33,6 +33,7 @@ class Fp32Momentum(torch.optim.Optimizer):
                     state["momentum"] = torch.zeros(p.shape, dtype=torch.float32)
                     state["basis"] = {"q": torch.eye(p.shape[-1], dtype=torch.float32)}
                     state["count"] = 0
+                    state["side"] = "right"  # plain values, as projectors keep them
                 # 1 + 2^-12 has no bf16 form: a cast on load would be visible
                 state["momentum"].mul_(0.9).add_(p.grad.float() + 2.0**-12)
                 state["basis"]["q"].add_(2.0**-12)
@@ -72,6 +73,7 @@ def test_torch_load_casts_fp32_state_to_the_bf16_param():
     fresh = Fp32Momentum([p])
     fresh.load_state_dict(checkpointed(opt.state_dict()))
     assert fresh.state[p]["momentum"].dtype == torch.bfloat16
+    assert fresh.state[p]["side"] != "right"  # a str is rebuilt from a generator: garbled
 
 
 def test_load_keeping_dtypes_round_trips_fp32_state_of_a_bf16_param():
@@ -85,7 +87,8 @@ def test_load_keeping_dtypes_round_trips_fp32_state_of_a_bf16_param():
     assert state["momentum"].dtype == torch.float32 and state["basis"]["q"].dtype == torch.float32
     assert torch.equal(state["momentum"], saved["momentum"])
     assert torch.equal(state["basis"]["q"], saved["basis"]["q"])
-    assert state["count"] == 2 and state["momentum"].device == twin.device
+    assert state["count"] == 2 and state["side"] == "right"
+    assert state["momentum"].device == twin.device
     stepped(opt, [p], 1)  # and the resumed optimizer steps exactly as the one that saved
     stepped(fresh, [twin], 1)
     assert torch.equal(twin, p) and torch.equal(state["momentum"], saved["momentum"])

@@ -1,58 +1,122 @@
-"""Plug points: every registered method runs through the loop, every tensor is owned once and
-moves, `methods` lists the registries, and export gives a plain HF model with the same logits."""
+"""Plug points: every combination that validate accepts trains through the builders with every
+tensor owned once and moving, one of each mechanism resumes bitwise through a checkpoint,
+`methods` lists the registries and the accepted matrix, and export gives a plain HF model
+with the same logits. The matrix comes from the registries, so a new method joins by itself."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lowrank_train.checkpoint import load_checkpoint
+from lowrank_train.checkpoint import load_checkpoint, save_checkpoint
 from lowrank_train.cli import main
-from lowrank_train.config import load_config
+from lowrank_train.config import dump_yaml
+from lowrank_train.errors import ConfigError
 from lowrank_train.export import checkpoint_of
 from lowrank_train.models import build_model
 from lowrank_train.optim import build_optimizer, check_ownership
+from lowrank_train.optim.base import OPTIMIZERS
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.parameterizations import PARAMETERIZATIONS, ParameterizedLinear
 from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.base import Projector
 from lowrank_train.registry import Registry, UnknownName
+from lowrank_train.resolve import combinations, load_run, supported_combinations
 
 CPU = torch.device("cpu")
 
 
 def tiny_model_and_optimizer(tiny_run, *overrides: str):
-    cfg, _ = load_config(tiny_run(), list(overrides))
+    cfg, _ = load_run(tiny_run(), list(overrides))
     model = build_model(cfg, 512, CPU)
     return cfg, model, build_optimizer(cfg, model, CPU)
 
 
-def two_updates(model, optimizer) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x = torch.randint(0, 512, (2, 16), generator=gen)
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(step))
+
+
+def train_steps(model, optimizer, first: int, last: int) -> list[dict]:
+    """Steps first+1..last as the loop takes them (step, then every layer's after_step);
+    returns the events of the optimizer and the layers."""
+    layers = [m for m in model.modules() if isinstance(m, ParameterizedLinear)]
+    events: list[dict] = []
+    for step in range(first + 1, last + 1):
+        x = batch(step)
         logits = model(input_ids=x).logits
         torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()
         ).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for layer in layers:
+            events += layer.after_step(step, optimizer)
+        events += optimizer.pop_events()
+    assert all(isinstance(e, dict) and "event" in e for e in events), events
+    return events
 
 
-@pytest.mark.parametrize("weights", PARAMETERIZATIONS.names())
-@pytest.mark.parametrize("projector", PROJECTORS.names())
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_every_registered_combination_runs_and_every_layer_moves(
+def two_updates(model, optimizer) -> None:
+    train_steps(model, optimizer, 0, 2)
+
+
+def tiny_method(weights: str, projector: str, optimizer: str) -> list[str]:
+    """Overrides that select a combination on the tiny model (hidden 64): a rank that fits its
+    matrices and a basis refresh every 2 steps, where the projector has those keys."""
+    overrides = [f"weights.name={weights}", f"optim.projector.name={projector}"]
+    overrides.append(f"optim.name={optimizer}")
+    defaults = PROJECTORS.get(projector).Config()
+    if getattr(defaults, "rank", 0) > 8:
+        overrides.append("optim.projector.rank=8")
+    if hasattr(defaults, "update_gap"):
+        overrides.append("optim.projector.update_gap=2")
+    return overrides
+
+
+def mechanism(projector: str) -> tuple:
+    """How a projector works, for picking one of each to resume: the classes that define its
+    `direction` and its `refresh`, and which shared options it has."""
+    cls = PROJECTORS.get(projector)
+
+    def definer(attr: str) -> str:
+        return next(c.__name__ for c in cls.__mro__ if attr in vars(c))
+
+    keys = {f.name for f in dataclasses.fields(cls.Config)}
+    return definer("direction"), definer("refresh"), tuple(sorted(keys & {"rank", "svd"}))
+
+
+def one_of_each_mechanism() -> list[tuple[str, str, str]]:
+    """Accepted combinations covering every parameterization, projector mechanism and inner
+    optimizer at least once (a full matrix of resumes would not fit the suite's budget)."""
+    seen: set = set()
+    chosen = []
+    for w, p, o in supported_combinations():
+        new = {("weights", w), ("projector", mechanism(p)), ("optimizer", o)} - seen
+        if new:
+            seen |= new
+            chosen.append((w, p, o))
+    return chosen
+
+
+SUPPORTED = supported_combinations()  # from the registries at collection: new methods join
+RESUMED = one_of_each_mechanism()
+
+
+@pytest.mark.parametrize(
+    "weights, projector, optimizer", SUPPORTED, ids=["+".join(c) for c in SUPPORTED]
+)
+def test_every_supported_combination_trains_and_every_layer_moves(
     tiny_run, weights, projector, optimizer
 ):
-    """Conformance: each registered parameterization x projector x optimizer trains through the
-    loop's builders; every trainable tensor is owned exactly once, and within two updates every
-    parameterized layer's function (its dense weight) and every other tensor changes."""
+    """Conformance: each registered parameterization x projector x optimizer that validate
+    accepts trains through the loop's builders; every trainable tensor is owned exactly once,
+    and within two updates every parameterized layer's function (its dense weight) and every
+    other tensor changes."""
     cfg, model, opt = tiny_model_and_optimizer(
-        tiny_run,
-        f"weights.name={weights}",
-        f"optim.projector.name={projector}",
-        f"optim.name={optimizer}",
+        tiny_run, *tiny_method(weights, projector, optimizer)
     )
     check_ownership(model, opt)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ParameterizedLinear)}
@@ -68,6 +132,71 @@ def test_every_registered_combination_runs_and_every_layer_moves(
     assert not still, f"tensors that never moved: {still}"
     for name, layer in layers.items():
         assert sum(layer.stored_bytes().values()) > 0, name
+    for p in model.parameters():  # each tensor's state is reachable through the loop's optimizer
+        assert opt.param_state(p) is opt.owner(p).state[p]
+
+
+def test_the_matrix_covers_the_registries():
+    """Every registered method is in at least one accepted combination, and each refused one
+    carries a one-line reason."""
+    accepted = supported_combinations()
+    assert {w for w, _, _ in accepted} == set(PARAMETERIZATIONS.names())
+    assert {p for _, p, _ in accepted} == set(PROJECTORS.names())
+    assert {o for _, _, o in accepted} == set(OPTIMIZERS.names())
+    assert ("dense", "none", "adamw") in accepted
+    refusals = [r for *_, r in combinations() if r is not None]
+    assert all("\n" not in r for r in refusals), refusals
+
+
+def flat_state(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    return {k: v for key, sub in items for k, v in flat_state(sub, f"{prefix}{key}.").items()}
+
+
+@pytest.mark.parametrize(
+    "weights, projector, optimizer", RESUMED, ids=["+".join(c) for c in RESUMED]
+)
+def test_one_of_each_mechanism_resumes_bitwise(tiny_run, tmp_path, weights, projector, optimizer):
+    """Train 3 steps, save a checkpoint, load it into a fresh model and optimizer, train 3
+    more, crossing a refresh where the projector refreshes (every 2 steps): weights and
+    optimizer state equal those of 6 uninterrupted steps, bitwise."""
+    overrides = tiny_method(weights, projector, optimizer)
+    cfg, straight, straight_opt = tiny_model_and_optimizer(tiny_run, *overrides)
+    train_steps(straight, straight_opt, 0, 6)
+
+    _, model, opt = tiny_model_and_optimizer(tiny_run, *overrides)
+    train_steps(model, opt, 0, 3)
+    path = save_checkpoint(
+        tmp_path / "checkpoints",
+        3,
+        model_state=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        trainer_state={"step": 3},
+        config_yaml=dump_yaml(cfg),
+        tokenizer_json="{}",
+        keep_last=1,
+    )
+    checkpoint = load_checkpoint(path)  # weights_only, as a resume loads it
+    _, resumed, resumed_opt = tiny_model_and_optimizer(tiny_run, *overrides)
+    resumed.load_state_dict(checkpoint.model)
+    resumed_opt.load_state_dict(checkpoint.optimizer)
+    train_steps(resumed, resumed_opt, 3, 6)
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    want, got = flat_state(straight_opt.state_dict()), flat_state(resumed_opt.state_dict())
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == got[key].dtype and torch.equal(value, got[key]), key
+        else:
+            assert value == got[key], key
 
 
 @pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
@@ -111,10 +240,10 @@ def test_adamw8bit_keeps_32bit_state_for_embeddings(tiny_run):
 
 
 def test_dense_keeps_the_seeded_init_draw(tiny_run):
-    cfg, _ = load_config(tiny_run())
+    cfg, _ = load_run(tiny_run())
     a, b = build_model(cfg, 512, CPU), build_model(cfg, 512, CPU)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    cfg2, _ = load_config(tiny_run(), ["train.seed=1"])
+    cfg2, _ = load_run(tiny_run(), ["train.seed=1"])
     c = build_model(cfg2, 512, CPU)
     assert not torch.equal(
         a.model.layers[0].self_attn.q_proj.weight, c.model.layers[0].self_attn.q_proj.weight
@@ -136,11 +265,29 @@ def test_registry_refuses_duplicates_and_suggests():
         reg.get("alpah")
 
 
-def test_methods_command_lists_the_registries(capsys):
+def test_methods_command_lists_the_registries_and_the_accepted_matrix(capsys, monkeypatch):
+    class Picky(Projector):
+        """A projector with a form only under adamw (registered for this test only)."""
+
+        name = "picky_test"
+
+        @dataclasses.dataclass
+        class Config:
+            pass
+
+        def validate(self, cfg):
+            if cfg.optim.name != "adamw":
+                raise ConfigError(f"optim.name: {cfg.optim.name} has no form under picky_test")
+
+    monkeypatch.setitem(PROJECTORS._entries, Picky.name, Picky)
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in PARAMETERIZATIONS.names() + PROJECTORS.names() + ["adamw", "adamw8bit"]:
+    for name in PARAMETERIZATIONS.names() + PROJECTORS.names() + OPTIMIZERS.names():
         assert f"  {name} " in out
+    matrix = out.split("supported combinations")[1].splitlines()[1:]
+    pairs = {" ".join(line.split()[:3]): line.split(None, 3)[3] for line in matrix}
+    assert pairs["dense + picky_test"] == "adamw"  # not every pair: adamw8bit is refused
+    assert pairs["dense + none"] == ", ".join(OPTIMIZERS.names())
 
 
 def test_export_round_trip_gives_the_same_logits(tiny_run, tmp_path):
@@ -152,7 +299,7 @@ def test_export_round_trip_gives_the_same_logits(tiny_run, tmp_path):
     hf = LlamaForCausalLM.from_pretrained(out)
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     ids = torch.tensor([tok.encode("The history of the city")])
-    cfg, _ = load_config(run_dir / "config.yaml")
+    cfg, _ = load_run(run_dir / "config.yaml")
     ours = build_model(cfg, 512, CPU)
     ours.load_state_dict(load_checkpoint(checkpoint_of(run_dir)).model)
     with torch.no_grad():

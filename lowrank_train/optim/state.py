@@ -17,7 +17,8 @@ import torch
 def load_state_dict_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
     """`optimizer.load_state_dict(state_dict)`, then every state tensor back in its saved dtype.
 
-    The device stays where torch put it (the parameter's device; `step` where torch keeps it).
+    Plain values (ints, strings) come back as saved. Tensors stay on the device where torch
+    put them (the parameter's; `step` where torch keeps it).
     Restored tensors are the saved ones moved, not the cast ones cast back: bf16 -> fp32 would
     not return the lost bits. As in torch, a saved tensor already on the right device is used
     as it is (no copy), so the optimizer's state and `state_dict` share storage.
@@ -38,4 +39,6 @@ def _restore(saved: Any, loaded: Any) -> Any:
         return {k: _restore(saved[k], v) if k in saved else v for k, v in loaded.items()}
     if isinstance(saved, list | tuple) and type(saved) is type(loaded):
         return type(saved)(_restore(s, v) for s, v in zip(saved, loaded, strict=True))
-    return loaded
+    # A plain value as saved: torch rebuilds every Iterable with type(value)(generator), which
+    # turns a string ("right", a tensor's name) into the text of a generator object.
+    return saved
