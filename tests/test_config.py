@@ -242,12 +242,25 @@ def test_yaml_off_reads_as_the_string_off(tmp_path):
     assert cfg.model.autocast == "bfloat16"
 
 
-def test_readme_documents_every_key():
+def test_readme_reference_is_the_generated_one():
+    """Every key of the config and of each registered method's Config, with its default and
+    help, is in README.md exactly as scripts/config_reference.py writes it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import config_reference
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
     from lowrank_train.config import field_docs
+    from lowrank_train.resolve import method_field_docs
 
-    readme = (ROOT / "README.md").read_text()
-    missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
-    assert not missing, f"README's configuration reference lacks {missing}"
+    generated = config_reference.reference()
+    keys = [k for k, _, _ in field_docs()] + [k for _, _, k, _, _ in method_field_docs() if k]
+    assert all(f"`{key}`" in generated for key in keys)
+    assert {m for _, m, _, _, _ in method_field_docs()} >= set(PROJECTORS.names())
+    in_readme = config_reference.readme_block((ROOT / "README.md").read_text())
+    assert in_readme == generated, (
+        "README's configuration reference is stale: run python scripts/config_reference.py --write"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
