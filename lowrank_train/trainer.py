@@ -140,6 +140,7 @@ class Trainer:
         )
         self.tokenizer_json = self.data.tokenizer_path.read_text()
         self.last_lr = self.optimizer.param_groups[0]["lr"]
+        self.events: list[dict] = []  # the layers' (merges); the optimizer keeps its own
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
@@ -184,7 +185,7 @@ class Trainer:
         self.progress.step += 1
         self.progress.tokens += self.tokens_per_step
         for layer in self.hooked:
-            layer.after_step(self.progress.step, self.optimizer)
+            self.events += layer.after_step(self.progress.step, self.optimizer)
         return step_loss, grad_norm
 
     def save(self, last_loss: torch.Tensor | None) -> None:
@@ -257,6 +258,7 @@ class Trainer:
                         end - p.step,
                     )
                     loss_sum.zero_()
+                    self.write_events()
                     window_start, window_steps = time.perf_counter(), 0
                 if self.due(cfg.eval.every, end):
                     self.run_eval()
@@ -277,6 +279,13 @@ class Trainer:
                 self.run_eval()
                 self.save(step_loss)
         return self.finish(time.perf_counter() - started, first_step)
+
+    def write_events(self) -> None:
+        """Refreshes, resamples, kept-old-basis and merges since the last logging step."""
+        for event in self.optimizer.pop_events() + self.events:
+            fields = {k: v for k, v in event.items() if k not in ("event", "step")}
+            self.metrics.event(event["event"], event.get("step", self.progress.step), **fields)
+        self.events = []
 
     def log_first_step(self, step_loss: torch.Tensor, started: float, end: int) -> None:
         """Nothing may look hung: the first step's wall time and when the first progress line

@@ -19,6 +19,9 @@ from lowrank_train.config import RunConfig
 from lowrank_train.modules import is_norm
 from lowrank_train.optim.base import OPTIMIZERS
 from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.optim.projected import ProjectedOptimizer
+from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.projectors import PROJECTORS
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,56 @@ def build_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
     return groups
 
 
+def projectable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """name -> tensor for every 2-D tensor a parameterized layer offers a projector."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, ParameterizedLinear):
+            for attr, p in module.projectable().items():
+                if p.requires_grad:
+                    out[f"{mod_name}.{attr}"] = p
+    return out
+
+
+def split_projected(
+    groups: list[dict], model: nn.Module, cfg: RunConfig
+) -> tuple[list[dict], dict | None]:
+    """Moves the projectable tensors out of the matrix groups into one projected group."""
+    if cfg.optim.projector.name == "none":
+        return groups, None
+    wanted = {id(p) for p in projectable_tensors(model).values()}
+    projected = {"name": "projected", "params": [], "param_names": [], "lr": cfg.train.lr}
+    projected["weight_decay"] = cfg.optim.weight_decay
+    kept = []
+    for g in groups:
+        keep = [
+            (n, p)
+            for n, p in zip(g["param_names"], g["params"], strict=True)
+            if id(p) not in wanted
+        ]
+        for n, p in zip(g["param_names"], g["params"], strict=True):
+            if id(p) in wanted:
+                projected["params"].append(p)
+                projected["param_names"].append(n)
+        if keep:
+            kept.append({**g, "params": [p for _, p in keep], "param_names": [n for n, _ in keep]})
+    return kept, projected
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> MultiOptimizer:
     """The run's optimizer; logs what each inner optimizer owns and checks ownership."""
-    groups = build_groups(model, cfg)
+    groups, projected = split_projected(build_groups(model, cfg), model, cfg)
     inner = OPTIMIZERS.get(cfg.optim.name)().build(groups, cfg.optim, device)
+    if projected is not None:
+        proj = cfg.optim.projector
+        projector = PROJECTORS.get(proj.name)(proj.method, seed=cfg.train.seed)
+        inner[proj.name] = ProjectedOptimizer(
+            [projected],
+            projector,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            state_dtype=cfg.optim.state_dtype,
+        )
     optimizer = MultiOptimizer(inner, {p: n for n, p in model.named_parameters()})
     for name, opt in inner.items():
         params = [p for g in opt.param_groups for p in g["params"]]

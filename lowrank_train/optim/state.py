@@ -23,8 +23,14 @@ def load_state_dict_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict:
     not return the lost bits. As in torch, a saved tensor already on the right device is used
     as it is (no copy), so the optimizer's state and `state_dict` share storage.
     """
-    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
     optimizer.load_state_dict(state_dict)
+    restore_saved_dtypes(optimizer, state_dict)
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After torch's `load_state_dict(state_dict)`: every state tensor back in its saved dtype
+    (an optimizer's own `load_state_dict` calls this after torch's)."""
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
     params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
     for saved_id, param in zip(saved_ids, params, strict=True):
         if saved_id in state_dict["state"] and param in optimizer.state:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 from torch.nn import Parameter
 
 from lowrank_train.config import knob
+from lowrank_train.kernels import reference
+from lowrank_train.projectors.subspace import side_of
 from lowrank_train.registry import Registry
 
 if TYPE_CHECKING:
@@ -31,7 +34,8 @@ class LowRankOptions:
     update_gap: int = knob(200, "T: steps between basis refreshes (or resamples)")
     scale: float = knob(0.25, "alpha of the method's update, as its digest writes it")
     moments_at_refresh: Literal["keep", "reset", "rotate"] = knob(
-        "keep", "moments at a refresh: keep (the official codes), reset, or rotate into the new basis"
+        "keep",
+        "moments at a refresh: keep (the official codes), reset, or rotate into the new basis",
     )
 
 
@@ -45,13 +49,24 @@ class SVDOptions(LowRankOptions):
 
 
 class Projector:
-    """Base of the registered projectors. Subclasses set `name` and `Config` (keys under optim.projector)."""
+    """Base of the registered projectors. Subclasses set `name` and `Config` (keys under
+    optim.projector).
+
+    The projected optimizer calls, per tensor and step t (1-based): `init_state` once;
+    `refresh` when `needs_refresh(state, t)`; then `direction`, whose result W moves against:
+    `W <- W - lr * direction` (decay as `decay_after_update` says)."""
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # GaLore's code decays the updated weight (W <- W - lr*wd*W after the step); Adafactor before.
+    decay_after_update: ClassVar[bool] = True
+    # State keys computed from the gradient at a refresh: under DDP rank 0's are broadcast, so
+    # every rank holds the same basis even if two SVDs of one matrix ever disagreed in sign.
+    shared_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: object | None = None):
+    def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()
+        self.seed = seed  # run seed, for projections drawn from (seed, tensor name, index)
 
     def init_state(self, param: Parameter, name: str) -> State:
         raise NotImplementedError
@@ -67,12 +82,179 @@ class Projector:
         """The full-shape update direction before lr; `param` is the (dequantized) weight."""
         raise NotImplementedError
 
-    def state_bytes(self, shape: tuple[int, int], cfg: RunConfig) -> int:
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """Bytes of this projector's optimizer state for one (m, n) tensor (documented formula)."""
         raise NotImplementedError
 
     def validate(self, cfg: RunConfig) -> None:
         """Raise a one-line ConfigError for combinations this projector cannot run."""
+
+
+MOMENT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANT_BLOCK = 256  # block of the 8-bit moments (bitsandbytes' optimizer block)
+
+
+def moment_bytes(numel: int, state_dtype: str) -> int:
+    """Bytes of one moment of `numel` elements: 4 or 2 a value, or 1 plus an fp32 absmax a block."""
+    if state_dtype == "int8":
+        return numel + 4 * -(-numel // QUANT_BLOCK)
+    return numel * MOMENT_DTYPES[state_dtype].itemsize
+
+
+def limit_norm_growth(update: Tensor, state: State, gamma: float) -> Tensor:
+    """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||.
+
+    `state["limiter_norm"]` is the previous limited norm (a 0-d fp32 tensor; absent on the first
+    step, which only records it). Stays on the device: no host sync."""
+    norm = update.float().norm()
+    previous = state.get("limiter_norm")
+    if previous is not None:
+        factor = torch.clamp(norm / (previous + 1e-8), min=gamma) / gamma
+        update = update / factor.to(update.dtype)
+        norm = norm / factor
+    state["limiter_norm"] = norm
+    return update
+
+
+class LowRankAdam(Projector):
+    """The Adam family on a projected gradient, written once (DESIGN.md, "Projector").
+
+    With R = down(G) (the low-rank gradient), per step t:
+        M <- b1 M + (1-b1) R,   V <- b2 V + (1-b2) R*R,   N = M / (sqrt(V) + eps)
+        direction = c_t * up(N, R, G),   c_t = sqrt(1 - b2^t) / (1 - b1^t)
+    (the official codes' HF-style Adam: bias correction folded into the step size). Subclasses
+    write `new_basis` and, where their update differs from GaLore's `scale * back(N)`, `up`.
+    The moments live in `optim.state_dtype` (fp32, bf16, or 8-bit dynamic-map codes with
+    block absmax); the basis in the parameter's dtype, as the official codes keep it, so the
+    projections run at the gradient's precision (fp32 on CPU runs, bf16 on GPU ones).
+    """
+
+    shared_keys = ("basis",)
+
+    def init_state(self, param: Parameter, name: str) -> State:
+        return {"side": side_of(tuple(param.shape)), "name": name, "refreshes": 0}
+
+    def needs_refresh(self, state: State, step: int) -> bool:
+        """Refreshes on steps 1, T+1, 2T+1, ... (the counter before its increment, as the codes)."""
+        return (step - 1) % self.options.update_gap == 0
+
+    def new_basis(self, grad: Tensor, state: State) -> Tensor:
+        """The (d, r) basis for this gradient."""
+        raise NotImplementedError
+
+    def refresh(self, grad: Tensor, state: State) -> None:
+        old = state.get("basis")
+        basis = self.new_basis(grad, state).to(grad.dtype)
+        if not torch.isfinite(basis).all():  # one host sync, at refreshes only
+            raise FloatingPointError("the basis finder returned non-finite values")
+        if old is not None and "exp_avg" in state:
+            self.carry_moments(state, old, basis)
+        state["basis"] = basis
+        state["refreshes"] += 1
+
+    def carry_moments(self, state: State, old: Tensor, new: Tensor) -> None:
+        """`optim.projector.moments_at_refresh`: keep (the official codes), reset (zero, and
+        restart the bias correction), or rotate: M re-expressed in the new basis,
+        M T with T = B_old^T B_new (right side; T^T M on the left), and V by the elementwise
+        square of T, which keeps it non-negative (V is not a linear quantity: an approximation)."""
+        policy = self.options.moments_at_refresh
+        if policy == "keep":
+            return
+        if policy == "reset":
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key].zero_()
+            for key in ("exp_avg_absmax", "exp_avg_sq_absmax"):
+                if key in state:
+                    state[key].zero_()
+            state["moment_step"] = 0
+            return
+        transfer = old.float().T @ new.float()  # (r, r)
+        for key, t in (("exp_avg", transfer), ("exp_avg_sq", transfer.square())):
+            value = self.read_moment(state, key)
+            value = value @ t if state["side"] == "right" else t.T @ value
+            if key == "exp_avg_sq":
+                value = value.clamp_(min=0)
+            self.write_moment(state, key, value)
+
+    # -- moments in optim.state_dtype --------------------------------------------------------
+
+    def init_moments(self, state: State, shape: torch.Size, device, state_dtype: str) -> None:
+        state["moment_step"] = 0
+        if state_dtype == "int8":
+            blocks = -(-shape.numel() // QUANT_BLOCK)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.uint8, device=device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.uint8, device=device)
+            state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+            state["exp_avg_sq_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+            # code 0 of the maps is their lowest value, not 0.0: write true zeros once
+            self.write_moment(state, "exp_avg", torch.zeros(shape, device=device))
+            self.write_moment(state, "exp_avg_sq", torch.zeros(shape, device=device))
+            return
+        dtype = MOMENT_DTYPES[state_dtype]
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
+
+    def read_moment(self, state: State, key: str) -> Tensor:
+        if key + "_absmax" in state:
+            return reference.dequantize_dynamic(
+                state[key], state[key + "_absmax"], signed=key == "exp_avg", block_size=QUANT_BLOCK
+            )
+        return state[key].float()
+
+    def write_moment(self, state: State, key: str, value: Tensor) -> None:
+        if key + "_absmax" in state:
+            codes, absmax = reference.quantize_dynamic(
+                value, signed=key == "exp_avg", block_size=QUANT_BLOCK
+            )
+            state[key].copy_(codes)
+            state[key + "_absmax"].copy_(absmax)
+        else:
+            state[key].copy_(value)
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def down(self, grad: Tensor, state: State) -> Tensor:
+        """R = G B (right) or B^T G (left), at the gradient's precision."""
+        basis = state["basis"]
+        return grad @ basis if state["side"] == "right" else basis.T @ grad
+
+    def back(self, low: Tensor, state: State) -> Tensor:
+        """The full-shape image of a low-rank tensor: X B^T (right) or B X (left)."""
+        basis = state["basis"]
+        low = low.to(basis.dtype)
+        return low @ basis.T if state["side"] == "right" else basis @ low
+
+    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        """GaLore: alpha * N B^T."""
+        return self.back(low_update, state) * self.options.scale
+
+    def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        low_grad = self.down(grad, state)
+        if "exp_avg" not in state:
+            self.init_moments(state, low_grad.shape, low_grad.device, hp["state_dtype"])
+        beta1, beta2 = hp["betas"]
+        quantized = "exp_avg_absmax" in state
+        low_update = reference.adam_update(
+            low_grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=hp["eps"],
+            exp_avg_absmax=state.get("exp_avg_absmax") if quantized else None,
+            exp_avg_sq_absmax=state.get("exp_avg_sq_absmax") if quantized else None,
+            block_size=QUANT_BLOCK,
+        )
+        state["moment_step"] += 1
+        t = state["moment_step"]
+        correction = (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+        return self.up(low_update, low_grad, grad, state) * correction
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """2 moments of D x r in state_dtype + the d x r basis in the parameter's dtype."""
+        r = self.options.rank
+        d, big = sorted(shape)
+        return 2 * moment_bytes(big * r, state_dtype) + d * r * param_bytes
 
 
 PROJECTORS: Registry[Projector] = Registry("projector")

@@ -1,0 +1,220 @@
+"""ProjectedOptimizer: lowrank-train's own optimizer of projected tensors, through a Projector.
+
+Per tensor W with gradient G at step t (1-based, counted per tensor):
+    refresh the projector's state when it asks (a non-finite gradient or a failing basis
+    finder keeps the old basis and logs an event);
+    D = projector.direction(W, G, state, t, group)
+    W <- W - lr * D, with decoupled decay W <- W - lr * wd * W after the update (GaLore's code)
+    or before it (Adafactor's), as the projector says.
+Everything a projector remembers is in `self.state[p]` as tensors and plain values, so
+`state_dict()` is the checkpoint; loading keeps every state tensor's saved dtype.
+
+`projected_optimizer(...)` builds one for code outside lowrank-train's loop (a hand-written
+loop, or HF `Trainer(optimizers=(opt, sched))`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.optim.state import restore_saved_dtypes
+from lowrank_train.projectors.base import Projector
+
+log = logging.getLogger(__name__)
+
+STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+
+
+class ProjectedOptimizer(torch.optim.Optimizer):
+    """Steps 2-D tensors by a projector's direction. Groups may carry `param_names` (the tensors'
+    names in the model: seeded projections and events use them)."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        projector: Projector,
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dtype: str = "auto",
+    ):
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype {state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype
+        )
+        super().__init__(params, defaults)
+        self.projector = projector
+        self.events: list[dict] = []
+        for g_index, group in enumerate(self.param_groups):
+            names = group.setdefault(
+                "param_names", [f"group{g_index}.{i}" for i in range(len(group["params"]))]
+            )
+            for p, name in zip(group["params"], names, strict=True):
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"{name}: a projector needs a 2-D tensor, not shape {tuple(p.shape)}"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        if closure is not None:
+            raise ValueError("ProjectedOptimizer.step takes no closure")
+        refreshed, started = 0, None
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group["param_names"], strict=True):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self.projector.init_state(p, name))
+                    state["step"] = 0
+                state["step"] += 1
+                step = state["step"]
+                if self.projector.needs_refresh(state, step):
+                    started = started or _now(p.device)
+                    refreshed += self._refresh(p.grad, name, state, step)
+                if any(key not in state for key in self.projector.shared_keys):
+                    continue  # no basis yet (the first refresh failed): nothing to step with
+                direction = self.projector.direction(p, p.grad, state, step, group)
+                self._apply(p, direction, group)
+        if refreshed:
+            self.events.append(
+                {
+                    "event": "refresh",
+                    "step": step,
+                    "tensors": refreshed,
+                    "seconds": round(_now(p.device) - started, 4),
+                }
+            )
+
+    def _refresh(self, grad: torch.Tensor, name: str, state: dict, step: int) -> int:
+        """1 when the projector refreshed; 0 (and a kept-old-basis event) when it could not."""
+        reason = None
+        if not torch.isfinite(grad).all():  # a host sync, at refresh steps only
+            reason = "non-finite gradient"
+        else:
+            try:
+                self.projector.refresh(grad, state)
+            except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
+                reason = f"basis finder failed: {str(e).splitlines()[0]}"
+        if reason is None:
+            _broadcast(state, self.projector.shared_keys)
+            return 1
+        self.events.append(
+            {"event": "kept_old_basis", "step": step, "tensor": name, "reason": reason}
+        )
+        log.warning("step %d: %s kept its old basis (%s)", step, name, reason)
+        return 0
+
+    def _apply(self, p: torch.Tensor, direction: torch.Tensor, group: dict) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        after = self.projector.decay_after_update
+        if wd and not after:
+            p.mul_(1 - lr * wd)
+        p.add_(direction.to(p.dtype), alpha=-lr)
+        if wd and after:
+            p.mul_(1 - lr * wd)
+
+    def pop_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, with every state tensor in its saved dtype (fp32 moments of bf16 weights
+        would otherwise come back bf16)."""
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
+
+
+def _now(device: torch.device) -> float:
+    """Wall time after the device's queued work (refresh timing only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _broadcast(state: dict, keys: tuple[str, ...]) -> None:
+    """Under DDP every rank takes rank 0's refresh result, so the ranks cannot drift apart."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            for key in keys:
+                torch.distributed.broadcast(state[key], src=0)
+
+
+DEFAULT_TARGET = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def projected_optimizer(
+    params: nn.Module | Iterable,
+    projector: str = "galore",
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    state_dtype: str = "auto",
+    target: Iterable[str] = DEFAULT_TARGET,
+    seed: int = 0,
+    **options,
+) -> torch.optim.Optimizer:
+    """A `torch.optim.Optimizer` for any training loop: projected tensors by `projector` (with
+    `options`, e.g. rank=128; unset options take the method's official defaults), all others by
+    torch AdamW with the same lr, betas, eps and weight decay.
+
+    `params` is a model (the 2-D weights of Linear layers whose attribute name is in `target`
+    are projected) or ordinary torch parameter groups, where a group with `"project": True` is
+    projected; groups may set their own lr and weight_decay, as in torch.
+    """
+    from lowrank_train.projectors import PROJECTORS  # the registry, with every method loaded
+
+    cls = PROJECTORS.get(projector)
+    built = cls(cls.Config(**options), seed=seed)
+    if isinstance(params, nn.Module):
+        groups = _groups_of_model(params, set(target))
+    else:
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+        if groups and not isinstance(groups[0].get("params"), list | tuple):
+            groups = [{"params": list(params)}]
+    projected = [dict(g) for g in groups if g.get("project")]
+    plain = [dict(g) for g in groups if not g.get("project")]
+    for g in projected + plain:
+        g.pop("project", None)
+        g["params"] = list(g["params"])
+    common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    inner: dict[str, torch.optim.Optimizer] = {}
+    if projected:
+        inner[projector] = ProjectedOptimizer(projected, built, state_dtype=state_dtype, **common)
+    if plain:
+        inner["adamw"] = torch.optim.AdamW(plain, **common)
+    if not inner:
+        raise ValueError("no parameters to optimize")
+    return MultiOptimizer(inner)
+
+
+def _groups_of_model(model: nn.Module, target: set[str]) -> list[dict]:
+    projected, names, plain = [], [], []
+    targeted = {
+        f"{mod_name}.weight" if mod_name else "weight"
+        for mod_name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and mod_name.rsplit(".", 1)[-1] in target
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in targeted and p.ndim == 2:
+            projected.append(p)
+            names.append(name)
+        else:
+            plain.append(p)
+    if not projected:
+        raise ValueError(f"no Linear layer named one of {sorted(target)} in the model")
+    return [{"params": projected, "param_names": names, "project": True}, {"params": plain}]

@@ -1,0 +1,178 @@
+"""GaLore against a float64 re-implementation of research/projectors.md section 1.5, and the
+projected optimizer's shared mechanics (moments in every state dtype, refresh policies, a failed
+refresh, state bytes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from projector_cases import gradients, run_projector
+
+from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.galore import GaLore
+
+
+def right_basis(g: torch.Tensor, r: int) -> torch.Tensor:
+    """Top-r right singular vectors (n x r), as the left ones of G^T: signs are arbitrary, and
+    moments kept across a refresh make them matter, so the reference uses our convention."""
+    return torch.linalg.svd(g.T, full_matrices=False)[0][:, :r]
+
+
+# The moment math runs in fp32 whatever the weights (kernels/reference.adam_update), so float64
+# comparisons hold to fp32's precision: a few ulp of 1.2e-7, amplified by 1/sqrt(V) near eps.
+FP32 = dict(rtol=2e-5, atol=1e-7)
+
+
+def galore_reference(grads, r, gap, alpha, lr, b1, b2, eps, wd, left=False):
+    """Section 1.5 in float64: refresh on (t-1) % T == 0, moments kept across refreshes."""
+    w = torch.zeros_like(grads[0])
+    m = v = 0.0
+    q = None
+    out = []
+    for t, g in enumerate(grads, start=1):
+        if left:
+            g = g.T  # the left case is the transpose of the right one
+        if (t - 1) % gap == 0:
+            q = right_basis(g, r)
+        low = g @ q
+        m = b1 * m + (1 - b1) * low
+        v = b2 * v + (1 - b2) * low * low
+        c = (1 - b2**t) ** 0.5 / (1 - b1**t)
+        step = lr * c * alpha * (m / (v.sqrt() + eps)) @ q.T
+        w = w - (step.T if left else step)
+        w = w - lr * wd * w
+        out.append(w.clone())
+    return out
+
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])  # right side, then left
+def test_galore_matches_the_float64_reference_through_refreshes(shape):
+    grads = gradients(shape, 9)
+    ours, _ = run_projector(
+        "galore", grads, rank=4, update_gap=4, scale=0.25, svd="exact", weight_decay=0.1
+    )
+    ref = galore_reference(grads, 4, 4, 0.25, 1e-2, 0.9, 0.999, 1e-6, 0.1, left=shape[0] < shape[1])
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_identity_basis_is_adamw_and_a_full_rank_svd_basis_is_not(monkeypatch):
+    """With B = I (r = n), alpha 1, wd 0 and eps 0 (torch's eps sits outside the bias
+    correction, ours inside: with eps 0 the two coincide), GaLore is AdamW step for step."""
+    grads = gradients((12, 8), 6)
+    monkeypatch.setattr(GaLore, "new_basis", lambda self, g, s: torch.eye(8, dtype=g.dtype))
+    ours, _ = run_projector("galore", grads, rank=8, scale=1.0, eps=0.0)
+    w = torch.nn.Parameter(torch.zeros(12, 8, dtype=torch.float64))
+    adamw = torch.optim.AdamW([w], lr=1e-2, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0)
+    for g, mine in zip(grads, ours, strict=True):
+        w.grad = g.clone()
+        adamw.step()
+        torch.testing.assert_close(mine, w.detach(), **FP32)
+    monkeypatch.undo()
+    rotated, _ = run_projector("galore", grads, rank=8, scale=1.0, eps=0.0, svd="exact")
+    assert not torch.allclose(rotated[-1], w.detach(), rtol=1e-3)  # Adam in a rotated basis
+
+
+def test_update_stays_in_the_subspace_between_refreshes():
+    grads = gradients((20, 10), 5)
+    ours, opt = run_projector("galore", grads, rank=3, update_gap=10, svd="exact")
+    (state,) = opt.state.values()
+    q = state["basis"]
+    delta = ours[-1] - ours[0]
+    residual = delta - delta @ q @ q.T  # dW (I - Q Q^T) = 0
+    assert residual.abs().max() < 1e-12 * max(1.0, delta.abs().max().item())  # float64 basis
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+def test_low_precision_moments_track_the_fp64_ones(state_dtype):
+    grads = gradients((64, 48), 6)
+    exact, _ = run_projector("galore", grads, rank=8, svd="exact", state_dtype="auto")
+    low, opt = run_projector("galore", grads, rank=8, svd="exact", state_dtype=state_dtype)
+    (state,) = opt.state.values()
+    expected_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}
+    assert state["exp_avg"].dtype == expected_dtype[state_dtype]
+    # relative error of the accumulated update: mantissa bits (fp32 ~1e-7, bf16 ~4e-3) and the
+    # 8-bit dynamic map (~1e-2 per value, averaged over the update)
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 5e-2}[state_dtype]
+    error = (low[-1] - exact[-1]).norm() / exact[-1].norm()
+    assert error < tolerance, error
+
+
+def test_state_bytes_match_the_tensors_in_state():
+    for state_dtype in ("float32", "bfloat16", "int8"):
+        grads = [g.float() for g in gradients((40, 24), 2)]
+        _, opt = run_projector("galore", grads, rank=5, svd="exact", state_dtype=state_dtype)
+        (state,) = opt.state.values()
+        stored = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        formula = GaLore(GaLore.Config(rank=5)).state_bytes((40, 24), state_dtype, 4)
+        # fp32 weights: the basis is 4 bytes a value (the formula takes the weight's bytes)
+        assert stored == formula, (state_dtype, stored, formula)
+
+
+def test_rotate_re_expresses_the_moments_and_reset_zeroes_them():
+    grads = gradients((20, 12), 6)
+    _, keep = run_projector("galore", grads[:5], rank=4, update_gap=4, svd="exact")
+    _, rot = run_projector(
+        "galore", grads[:5], rank=4, update_gap=4, svd="exact", moments_at_refresh="rotate"
+    )
+    _, reset = run_projector(
+        "galore", grads[:4], rank=4, update_gap=4, svd="exact", moments_at_refresh="reset"
+    )
+    # the first moment's full-space image survives a rotation where it lies in the new span
+    (k_state,), (r_state,) = keep.state.values(), rot.state.values()
+    assert not torch.allclose(k_state["exp_avg"], r_state["exp_avg"])
+    (s_state,) = reset.state.values()
+    assert s_state["moment_step"] == 4  # steps 1-4, no refresh after step 1 yet
+    _, reset5 = run_projector(
+        "galore", grads[:5], rank=4, update_gap=4, svd="exact", moments_at_refresh="reset"
+    )
+    (s5,) = reset5.state.values()
+    assert s5["moment_step"] == 1  # restarted at the refresh of step 5
+
+
+def test_rotate_is_exact_when_the_subspace_does_not_change(monkeypatch):
+    """Rotating by T = B_old^T B_new re-expresses M exactly when span(B_new) = span(B_old)."""
+    grads = gradients((16, 10), 5)
+    flip = torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    bases = iter([right_basis(grads[0], 3), right_basis(grads[0], 3) @ flip])
+    monkeypatch.setattr(GaLore, "new_basis", lambda self, g, s: next(bases))
+    _, opt = run_projector("galore", grads, rank=3, update_gap=4, moments_at_refresh="rotate")
+    (state,) = opt.state.values()
+    bases = iter([right_basis(grads[0], 3), right_basis(grads[0], 3)])
+    _, same = run_projector("galore", grads, rank=3, update_gap=4)
+    (ref,) = same.state.values()
+    # in full space the moments agree: M B^T is invariant under the sign flip
+    torch.testing.assert_close(
+        state["exp_avg"].double() @ state["basis"].T, ref["exp_avg"].double() @ ref["basis"].T
+    )
+
+
+def test_a_non_finite_gradient_at_a_refresh_keeps_the_old_basis_and_logs_it():
+    grads = gradients((12, 8), 6)
+    grads[4] = grads[4].clone()
+    grads[4][0, 0] = float("nan")  # step 5 is a refresh (T = 4)
+    _, opt = run_projector("galore", grads[:5], rank=3, update_gap=4, svd="exact")
+    events = opt.pop_events()
+    kept = [e for e in events if e["event"] == "kept_old_basis"]
+    assert kept and kept[0]["step"] == 5 and "non-finite" in kept[0]["reason"]
+    (state,) = opt.state.values()
+    torch.testing.assert_close(state["basis"], right_basis(grads[0], 3))  # step 1's, same signs
+    assert opt.pop_events() == []  # popped once
+
+
+def test_fast_refresh_captures_the_exact_energy():
+    from lowrank_train.projectors.subspace import captured_energy
+
+    grads = [g.float() for g in gradients((96, 64), 3)]
+    _, exact = run_projector("galore", grads, rank=8, update_gap=1, svd="exact")
+    _, fast = run_projector("galore", grads, rank=8, update_gap=1, svd="fast")
+    (se,), (sf,) = exact.state.values(), fast.state.values()
+    ratio = captured_energy(grads[-1], sf["basis"], "right") / captured_energy(
+        grads[-1], se["basis"], "right"
+    )
+    assert ratio > 0.99, ratio
+
+
+def test_galore_defaults_are_the_official_ones():
+    cfg = PROJECTORS.get("galore").Config()
+    assert (cfg.rank, cfg.update_gap, cfg.scale, cfg.moments_at_refresh) == (128, 200, 0.25, "keep")
