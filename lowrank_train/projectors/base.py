@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from lowrank_train.config import knob
+from lowrank_train.errors import ConfigError
 from lowrank_train.kernels import reference
 from lowrank_train.projectors.subspace import side_of
 from lowrank_train.registry import Registry
@@ -87,7 +88,32 @@ class Projector:
         raise NotImplementedError
 
     def validate(self, cfg: RunConfig) -> None:
-        """Raise a one-line ConfigError for combinations this projector cannot run."""
+        """One-line ConfigErrors: the shared keys' ranges, and a rank above the smaller dimension
+        of a targeted tensor (named, with its shape). Subclasses add their own checks."""
+        o = self.options
+        if not isinstance(o, LowRankOptions):
+            return
+        if o.rank < 1:
+            raise ConfigError(f"optim.projector.rank: {o.rank} must be >= 1")
+        if o.update_gap < 1:
+            raise ConfigError(f"optim.projector.update_gap: {o.update_gap} must be >= 1")
+        if not o.scale > 0:
+            raise ConfigError(f"optim.projector.scale: {o.scale} must be > 0")
+        for name, shape in projectable_shapes(cfg).items():
+            if o.rank > min(shape):
+                raise ConfigError(
+                    f"optim.projector.rank: {o.rank} is above the smaller dimension of {name} "
+                    f"{shape} (at most {min(shape)})"
+                )
+
+
+def projectable_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
+    """name -> shape of every tensor the run would project, from a structural (meta) build."""
+    from lowrank_train.models import build_model  # lazily: models imports the registries
+    from lowrank_train.optim import projectable_tensors
+
+    model = build_model(cfg, 256, torch.device("meta"))  # the vocabulary is never projected
+    return {name: tuple(p.shape) for name, p in projectable_tensors(model).items()}
 
 
 MOMENT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
