@@ -399,7 +399,10 @@ def adam_update(
         v = exp_avg_sq.reshape(-1).to(torch.float32)
     m = m * beta1 + g * (1.0 - beta1)
     v = v * beta2 + (g * g) * (1.0 - beta2)
-    n = m / (torch.sqrt(v) + eps)
+    # torch's vectorized CPU sqrt is not correctly rounded (~15% of fp32 results 1 ulp off, seen
+    # 2026-12-01); through float64 it is (53 >= 2*24 + 2 bits: the double rounding is exact), as
+    # the kernels' sqrt_rn.
+    n = m / (torch.sqrt(v.double()).float() + eps)
     if quantized:
         codes, absmax = quantize_dynamic(m, signed=True, block_size=block_size)
         _store(exp_avg, codes)

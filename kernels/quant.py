@@ -1,0 +1,247 @@
+"""Block-wise quantize / dequantize kernels: INT8 and INT4 symmetric absmax, NF4, and the 8-bit
+dynamic map. Formats, scales and rounding as reference.py's module docstring says.
+
+One program handles ROWS consecutive blocks as a (ROWS, BLOCK) tile (4-bit formats: the even
+and the odd elements as two (ROWS, BLOCK/2) tiles, so a code pair packs into one byte without a
+shuffle); the block's absmax is a row reduction, so one pass reads x once and writes codes and
+scales once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _checks as C
+from ._tl import DYN, INT4, INT8, NF4, nearest, round_half_away, store_as, tables
+
+
+@triton.jit
+def _codes(x, scale_ok, mids_ptr, FMT: tl.constexpr, LOG2: tl.constexpr):
+    """Codes of x (ROWS, COLS) given each row's divisor (absmax or absmax / qmax, 1 if zero)."""
+    v = tl.div_rn(x, scale_ok[:, None])
+    if FMT == 0:
+        return tl.minimum(tl.maximum(round_half_away(v), -127.0), 127.0).to(tl.int32)
+    elif FMT == 1:
+        return tl.minimum(tl.maximum(round_half_away(v), -7.0), 7.0).to(tl.int32) + 8
+    else:
+        return nearest(v, mids_ptr, LOG2)
+
+
+@triton.jit
+def _scale(absmax, FMT: tl.constexpr):
+    if FMT == 0:
+        return tl.div_rn(absmax, 127.0)
+    elif FMT == 1:
+        return tl.div_rn(absmax, 7.0)
+    else:
+        return absmax
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    mids_ptr,
+    numel,
+    nblocks,
+    FMT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    LOG2: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    if FMT == 1 or FMT == 3:
+        half = tl.arange(0, BLOCK // 2)
+        even = rows[:, None].to(tl.int64) * BLOCK + 2 * half[None, :]
+        mask = even < numel  # numel is even: the odd partner exists whenever the even one does
+        x0 = tl.load(x_ptr + even, mask=mask, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + even + 1, mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.maximum(tl.max(tl.abs(x0), axis=1), tl.max(tl.abs(x1), axis=1))
+        scale = _scale(absmax, FMT)
+        ok = tl.where(scale > 0, scale, 1.0)
+        lo = _codes(x0, ok, mids_ptr, FMT, LOG2)
+        hi = _codes(x1, ok, mids_ptr, FMT, LOG2)
+        tl.store(q_ptr + even // 2, (lo | (hi << 4)).to(tl.uint8), mask=mask)
+    else:
+        offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = _scale(tl.max(tl.abs(x), axis=1), FMT)
+        ok = tl.where(scale > 0, scale, 1.0)
+        tl.store(
+            q_ptr + offs, _codes(x, ok, mids_ptr, FMT, LOG2).to(q_ptr.dtype.element_ty), mask=mask
+        )
+    tl.store(s_ptr + rows, scale, mask=rows < nblocks)
+
+
+@triton.jit
+def _values(q, table_ptr, FMT: tl.constexpr):
+    """fp32 values (before scaling) of integer codes q."""
+    if FMT == 0:
+        return q.to(tl.float32)
+    elif FMT == 1:
+        return (q - 8).to(tl.float32)
+    else:
+        return tl.load(table_ptr + q)
+
+
+@triton.jit
+def _dequantize_kernel(
+    q_ptr,
+    s_ptr,
+    table_ptr,
+    out_ptr,
+    numel,
+    FMT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    if FMT == 1 or FMT == 3:
+        half = tl.arange(0, BLOCK // 2)
+        even = rows[:, None].to(tl.int64) * BLOCK + 2 * half[None, :]
+        mask = even < numel
+        s = tl.load(s_ptr + rows, mask=rows * BLOCK < numel, other=0.0)[:, None]
+        byte = tl.load(q_ptr + even // 2, mask=mask, other=0).to(tl.int32)
+        store_as(out_ptr + even, _values(byte & 0xF, table_ptr, FMT) * s, mask)
+        store_as(out_ptr + even + 1, _values(byte >> 4, table_ptr, FMT) * s, mask)
+    else:
+        offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = offs < numel
+        s = tl.load(s_ptr + rows, mask=rows * BLOCK < numel, other=0.0)[:, None]
+        q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32)
+        store_as(out_ptr + offs, _values(q, table_ptr, FMT) * s, mask)
+
+
+def _table_args(fmt: int, device, signed: bool = True) -> tuple[Tensor | None, Tensor | None, int]:
+    """(table, midpoints, log2 of the table size) for a format."""
+    t = tables(device)
+    if fmt == DYN:
+        key = "dyn_signed" if signed else "dyn_unsigned"
+        return t[key], t[key + "_mids"], 8
+    if fmt == NF4:
+        return t["nf4"], t["nf4_mids"], 4
+    return t["nf4"], t["nf4_mids"], 1  # unused by the linear formats: any valid pointer
+
+
+def _quantize(x: Tensor, block_size: int, fmt: int, signed: bool = True) -> tuple[Tensor, Tensor]:
+    C.check_tensor("x", x, C.FLOATS)
+    C.check_block(block_size)
+    packed = fmt in (INT4, NF4)
+    if packed and x.numel() % 2:
+        raise ValueError(f"a 4-bit tensor packs two codes a byte: numel {x.numel()} must be even")
+    nblocks = C.num_blocks(x.numel(), block_size)
+    if packed:
+        codes = torch.empty(x.numel() // 2, dtype=torch.uint8, device=x.device)
+    else:
+        codes = torch.empty(
+            x.shape, dtype=torch.int8 if fmt == INT8 else torch.uint8, device=x.device
+        )
+    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if nblocks:
+        _, mids, log2 = _table_args(fmt, x.device, signed)
+        rows = C.rows_per_program(block_size)
+        grid = (triton.cdiv(nblocks, rows),)
+        _quantize_kernel[grid](
+            x,
+            codes,
+            scales,
+            mids,
+            x.numel(),
+            nblocks,
+            FMT=fmt,
+            BLOCK=block_size,
+            ROWS=rows,
+            LOG2=log2,
+        )
+    return codes, scales
+
+
+def _dequantize(
+    codes: Tensor,
+    scales: Tensor,
+    numel: int,
+    shape,
+    block_size: int,
+    fmt: int,
+    dtype,
+    signed: bool = True,
+) -> Tensor:
+    C.check_block(block_size)
+    if dtype not in C.FLOATS:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    C.check_scales("scales", scales, numel, block_size)
+    C.check_same_device(codes=codes, scales=scales)
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    if numel:
+        table, _, _ = _table_args(fmt, codes.device, signed)
+        rows = C.rows_per_program(block_size)
+        grid = (triton.cdiv(C.num_blocks(numel, block_size), rows),)
+        _dequantize_kernel[grid](
+            codes, scales, table, out, numel, FMT=fmt, BLOCK=block_size, ROWS=rows
+        )
+    return out
+
+
+def _packed_numel(packed: Tensor, shape) -> int:
+    C.check_tensor("packed", packed, (torch.uint8,))
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    if numel % 2 or packed.numel() * 2 != numel:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes; shape {tuple(shape)} needs {numel / 2:g} (numel even)"
+        )
+    return numel
+
+
+def quantize_int8(x: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Triton reference.quantize_int8: (codes int8 x.shape, scales fp32)."""
+    return _quantize(x, group_size, INT8)
+
+
+def dequantize_int8(
+    codes: Tensor, scales: Tensor, group_size: int = 256, dtype=torch.float32
+) -> Tensor:
+    C.check_tensor("codes", codes, (torch.int8,))
+    return _dequantize(codes, scales, codes.numel(), codes.shape, group_size, INT8, dtype)
+
+
+def quantize_int4(x: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Triton reference.quantize_int4: (packed uint8 [numel/2], scales fp32)."""
+    return _quantize(x, group_size, INT4)
+
+
+def dequantize_int4(
+    packed: Tensor, scales: Tensor, shape, group_size: int = 256, dtype=torch.float32
+) -> Tensor:
+    numel = _packed_numel(packed, shape)
+    return _dequantize(packed, scales, numel, tuple(shape), group_size, INT4, dtype)
+
+
+def quantize_nf4(x: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Triton reference.quantize_nf4: (packed uint8 [numel/2], scales fp32)."""
+    return _quantize(x, group_size, NF4)
+
+
+def dequantize_nf4(
+    packed: Tensor, scales: Tensor, shape, group_size: int = 256, dtype=torch.float32
+) -> Tensor:
+    numel = _packed_numel(packed, shape)
+    return _dequantize(packed, scales, numel, tuple(shape), group_size, NF4, dtype)
+
+
+def quantize_dynamic(x: Tensor, *, signed: bool, block_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Triton reference.quantize_dynamic: (codes uint8 x.shape, absmax fp32)."""
+    return _quantize(x, block_size, DYN, signed)
+
+
+def dequantize_dynamic(
+    codes: Tensor, absmax: Tensor, *, signed: bool, block_size: int = 256, dtype=torch.float32
+) -> Tensor:
+    C.check_tensor("codes", codes, (torch.uint8,))
+    return _dequantize(codes, absmax, codes.numel(), codes.shape, block_size, DYN, dtype, signed)

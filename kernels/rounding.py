@@ -1,0 +1,143 @@
+"""Stochastic rounding kernels: fp32 -> bf16, fp32 -> INT8 with fresh block scales, and the
+INT8 writer's fused update W <- SR(deq(W) - lr (update + wd deq(W))).
+
+Random bits come from Philox (``tl.randint`` / ``tl.rand``) keyed by the caller's seed and
+counted by the element's flat index plus ``offset``: a result depends on (seed, offset, index)
+only, never on tile sizes or launch order, so a resumed run redraws exactly. These bits differ
+from reference.py's (torch.Generator); both are tested for unbiasedness, each for
+reproducibility. One call handles fewer than 2^31 elements (Philox counters are 32-bit here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _checks as C
+
+
+@triton.jit
+def _sr_bf16_kernel(x_ptr, out_ptr, numel, seed, offset, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    r = tl.randint(seed, offs + offset) & 0xFFFF
+    # add r in [0, 2^16) to the fp32 bits and drop the low 16: rounds up with probability
+    # (x - down) / ulp; the result is exactly a bf16 value, so the cast is exact
+    bits = ((x.to(tl.uint32, bitcast=True) + r) >> 16) << 16
+    tl.store(out_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _sr_int8_rows(w, mask, offs, seed, offset):
+    """SR-quantize fp32 rows w (ROWS, BLOCK), one block a row: (codes int8, scales (ROWS,))."""
+    w = tl.where(mask, w, 0.0)
+    scale = tl.div_rn(tl.max(tl.abs(w), axis=1), 127.0)
+    ok = tl.where(scale > 0, scale, 1.0)
+    u = tl.rand(seed, offs + offset)
+    q = tl.floor(tl.div_rn(w, ok[:, None]) + u)
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8), scale
+
+
+@triton.jit
+def _sr_int8_kernel(
+    x_ptr, q_ptr, s_ptr, numel, nblocks, seed, offset, BLOCK: tl.constexpr, ROWS: tl.constexpr
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    q, scale = _sr_int8_rows(x, mask, offs, seed, offset)
+    tl.store(q_ptr + offs, q, mask=mask)
+    tl.store(s_ptr + rows, scale, mask=rows < nblocks)
+
+
+@triton.jit
+def _int8_sr_update_kernel(
+    q_ptr, s_ptr, u_ptr, numel, nblocks, lr, wd, seed, BLOCK: tl.constexpr, ROWS: tl.constexpr
+):
+    # fp32 arguments on a GPU, float64 in the interpreter: cast so both match torch's fp32 math
+    lr = tl.cast(lr, tl.float32)
+    wd = tl.cast(wd, tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    mask = offs < numel
+    row_ok = rows < nblocks
+    # each program reads and rewrites only its own blocks, so the update is safely in place
+    s = tl.load(s_ptr + rows, mask=row_ok, other=0.0)
+    w = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32) * s[:, None]
+    upd = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = w - lr * (upd + wd * w)
+    q, scale = _sr_int8_rows(w, mask, offs, seed, 0)
+    tl.store(q_ptr + offs, q, mask=mask)
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+def _check_count(numel: int, offset: int = 0) -> None:
+    if numel + offset >= 2**31:
+        raise ValueError(
+            f"{numel} elements from offset {offset}: one call handles fewer than 2**31"
+        )
+
+
+def stochastic_round_bf16(x: Tensor, seed: int, offset: int = 0) -> Tensor:
+    """Triton reference.stochastic_round_bf16 (unbiased fp32 -> bf16; Philox bits)."""
+    C.check_tensor("x", x, (torch.float32,))
+    C.check_seed(seed, offset)
+    _check_count(x.numel(), offset)
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    if x.numel():
+        block = 1 << 16 if C.interpreting() else 2048
+        _sr_bf16_kernel[(triton.cdiv(x.numel(), block),)](
+            x, out, x.numel(), seed, offset, BLOCK=block
+        )
+    return out
+
+
+def stochastic_round_int8(
+    x: Tensor, seed: int, offset: int = 0, group_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Triton reference.stochastic_round_int8: (codes int8 x.shape, scales fp32); Philox bits."""
+    C.check_tensor("x", x, (torch.float32,))
+    C.check_block(group_size, "group_size")
+    C.check_seed(seed, offset)
+    _check_count(x.numel(), offset)
+    nblocks = C.num_blocks(x.numel(), group_size)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if nblocks:
+        rows = C.rows_per_program(group_size)
+        _sr_int8_kernel[(triton.cdiv(nblocks, rows),)](
+            x, codes, scales, x.numel(), nblocks, seed, offset, BLOCK=group_size, ROWS=rows
+        )
+    return codes, scales
+
+
+def int8_sr_update(
+    codes: Tensor,
+    scales: Tensor,
+    update: Tensor,
+    *,
+    lr: float,
+    wd: float,
+    seed: int,
+    group_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Triton reference.int8_sr_update: codes and scales rewritten in place and returned."""
+    C.check_tensor("codes", codes, (torch.int8,))
+    C.check_tensor("update", update, (torch.float32, torch.bfloat16))
+    C.check_block(group_size, "group_size")
+    C.check_scales("scales", scales, codes.numel(), group_size)
+    C.check_numel("update", update, codes.numel())
+    C.check_same_device(codes=codes, scales=scales, update=update)
+    C.check_seed(seed, 0)
+    _check_count(codes.numel())
+    nblocks = scales.numel()
+    if nblocks:
+        rows = C.rows_per_program(group_size)
+        _int8_sr_update_kernel[(triton.cdiv(nblocks, rows),)](
+            codes, scales, update, codes.numel(), nblocks, lr, wd, seed, BLOCK=group_size, ROWS=rows
+        )
+    return codes, scales
