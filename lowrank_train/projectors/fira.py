@@ -1,0 +1,101 @@
+"""Fira (Chen et al. 2024, arXiv 2410.01623), as its official code does it (research section 4).
+
+GaLore's low-rank Adam (SVD basis B on the smaller side, refresh every T, moments kept), plus
+the full-rank residual scaled channel by channel. Right side when m >= n (B is n x r, N and R
+are m x r, the m channels are their rows); left otherwise (B is m x r, N and R are r x n, the n
+channels are their columns). Per step t, with R = down(G) and N = M / (sqrt(V) + eps):
+    phi_i = ||N_i|| / (||R_i|| + 1e-8)            over the D channels
+    E = G - a_r back(R)                           residual (back(X) = X B^T or B X)
+    S = diag(phi) E                               (columns scaled in the left case)
+    S <- S / (max(||S|| / ||S_prev||, gamma) / gamma),  ||S_prev|| <- ||S||   (the limiter)
+    W <- W - lr c_t (alpha back(N) + a_s S);      then W <- W - lr wd W
+`alpha_placement: code` (the default) is the official code: a_r = alpha (its project-back
+carries alpha, so a (1 - alpha) share of the in-subspace gradient stays in the residual) and
+a_s = 1. `paper` is Algorithm 1 (Eqs. 9-12): a_r = 1 (E = (I - B B^T) G for an orthonormal B)
+and G~ = alpha (back(N) + S), i.e. a_s = alpha. The two differ whenever alpha != 1.
+
+The limiter's previous norm is `state["limiter_norm"]` (0-d fp32; the first step only records
+it, as the code); neither it nor the moments are touched at a refresh. N is the moment ratio
+before bias correction (the code's); phi is a ratio, so c_t scales S and the projected part
+alike. The residual is one m x n temporary each step, at the gradient's precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from lowrank_train.config import knob
+from lowrank_train.errors import ConfigError
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limit_norm_growth
+from lowrank_train.projectors.galore import SVDProjector
+
+if TYPE_CHECKING:
+    from lowrank_train.config import RunConfig
+
+RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
+
+
+def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
+    """||X_i|| over the D channels of a low-rank tensor, shaped to broadcast over the m x n
+    gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
+    the left."""
+    return low.to(dtype).norm(dim=1 if side == "right" else 0, keepdim=True)
+
+
+def scale_dtype(grad: Tensor) -> torch.dtype:
+    """The scales' precision: fp32 at least (bf16 norms are coarse), float64 for float64."""
+    return torch.promote_types(grad.dtype, torch.float32)
+
+
+def check_gamma(gamma: float) -> None:
+    if not (math.isfinite(gamma) and gamma >= 1):
+        raise ConfigError(
+            f"optim.projector.gamma: {gamma} must be a finite number >= 1 (the limiter's "
+            "allowed growth of the update norm per step; the papers use 1.01)"
+        )
+
+
+@PROJECTORS.register
+class Fira(SVDProjector):
+    name = "fira"
+
+    @dataclass
+    class Config(SVDOptions):
+        # official C4 scripts: r 128/256/256/512/64 (60M/130M/350M/1B/7B), T 200 (7B 500),
+        # alpha 0.25 below 1B and 0.0625 at 1B and 7B, gamma 1.01 everywhere
+        rank: int = knob(128, "rank r of the projected gradient")
+        update_gap: int = knob(200, "T: steps between SVD refreshes")
+        scale: float = knob(0.25, "alpha: W <- W - lr * (alpha * N B^T + S) (code placement)")
+        gamma: float = knob(1.01, "limiter: ||S_t|| at most gamma * ||S_(t-1)||")
+        alpha_placement: Literal["code", "paper"] = knob(
+            "code",
+            "code: residual G - alpha R B^T, S unscaled; paper: residual G - R B^T and "
+            "alpha (N B^T + S)",
+        )
+
+    def validate(self, cfg: RunConfig) -> None:
+        super().validate(cfg)
+        check_gamma(self.options.gamma)
+
+    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        o, side = self.options, state["side"]
+        dtype = scale_dtype(grad)
+        phi = channel_norms(low_update, side, dtype) / (
+            channel_norms(low_grad, side, dtype) + RATIO_EPS
+        )
+        paper = o.alpha_placement == "paper"
+        residual = grad - self.back(low_grad, state) * (1.0 if paper else o.scale)
+        limited = limit_norm_growth(residual * phi.to(grad.dtype), state, o.gamma)
+        projected = self.back(low_update, state)
+        if paper:
+            return (projected + limited) * o.scale
+        return projected * o.scale + limited
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """GaLore's 2 moments of D x r and the d x r basis, plus the limiter's fp32 norm."""
+        return super().state_bytes(shape, state_dtype, param_bytes) + 4
