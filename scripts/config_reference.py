@@ -23,7 +23,7 @@ def _shown(default: object) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "/")
+    return text.replace("|", "\\|")  # an escaped pipe stays inside its markdown cell
 
 
 def reference() -> str:

@@ -258,8 +258,11 @@ def test_readme_reference_is_the_generated_one():
     assert all(f"`{key}`" in generated for key in keys)
     assert {m for _, m, _, _, _ in method_field_docs()} >= set(PROJECTORS.names())
     in_readme = config_reference.readme_block((ROOT / "README.md").read_text())
+    missing = [line for line in generated.splitlines() if line not in in_readme.splitlines()]
+    outdated = [line for line in in_readme.splitlines() if line not in generated.splitlines()]
     assert in_readme == generated, (
-        "README's configuration reference is stale: run python scripts/config_reference.py --write"
+        f"README's configuration reference is stale (missing {missing[:3]}, outdated "
+        f"{outdated[:3]}): run python scripts/config_reference.py --write"
     )
 
 
@@ -279,6 +282,7 @@ class Mini(Projector):
         seed_offset: int = 0
 
     def validate(self, cfg):
+        super().validate(cfg)  # the shared keys' bounds
         if self.options.rank != 1:
             raise ConfigError(f"optim.projector.rank: {self.options.rank} must be 1 for mini_test")
 
@@ -334,6 +338,8 @@ def test_method_defaults_come_from_the_method_and_validate_sees_the_users_option
         ),
         ("optim.projector.sead_offset=1", "unknown key of mini_test (did you mean seed_offset?)"),
         ("optim.projector.scale=big", "optim.projector.scale: 'big' is not float"),
+        ("optim.projector.scale=0", "optim.projector.scale: 0.0 must be > 0"),
+        ("optim.projector.update_gap=0", "optim.projector.update_gap: 0 must be >= 1"),
         (
             "optim.projector.moments_at_refresh=rotat",
             "is not one of keep, reset, rotate (did you mean rotate?)",

@@ -93,7 +93,8 @@ def one_of_each_mechanism() -> list[tuple[str, str, str]]:
     optimizer at least once (a full matrix of resumes would not fit the suite's budget)."""
     seen: set = set()
     chosen = []
-    for w, p, o in supported_combinations():
+    # projector none first: the inner optimizers are then covered by their cheapest runs
+    for w, p, o in sorted(supported_combinations(), key=lambda c: c[1] != "none"):
         new = {("weights", w), ("projector", mechanism(p)), ("optimizer", o)} - seen
         if new:
             seen |= new
@@ -162,21 +163,21 @@ def flat_state(tree, prefix: str = "") -> dict:
     "weights, projector, optimizer", RESUMED, ids=["+".join(c) for c in RESUMED]
 )
 def test_one_of_each_mechanism_resumes_bitwise(tiny_run, tmp_path, weights, projector, optimizer):
-    """Train 3 steps, save a checkpoint, load it into a fresh model and optimizer, train 3
-    more, crossing a refresh where the projector refreshes (every 2 steps): weights and
-    optimizer state equal those of 6 uninterrupted steps, bitwise."""
+    """Train 2 steps, save a checkpoint, load it into a fresh model and optimizer, train 2
+    more, through a refresh where the projector refreshes (steps 1 and 3 at update_gap 2):
+    weights and optimizer state equal those of 4 uninterrupted steps, bitwise."""
     overrides = tiny_method(weights, projector, optimizer)
     cfg, straight, straight_opt = tiny_model_and_optimizer(tiny_run, *overrides)
-    train_steps(straight, straight_opt, 0, 6)
+    train_steps(straight, straight_opt, 0, 4)
 
     _, model, opt = tiny_model_and_optimizer(tiny_run, *overrides)
-    train_steps(model, opt, 0, 3)
+    train_steps(model, opt, 0, 2)
     path = save_checkpoint(
         tmp_path / "checkpoints",
-        3,
+        2,
         model_state=model.state_dict(),
         optimizer_state=opt.state_dict(),
-        trainer_state={"step": 3},
+        trainer_state={"step": 2},
         config_yaml=dump_yaml(cfg),
         tokenizer_json="{}",
         keep_last=1,
@@ -185,7 +186,7 @@ def test_one_of_each_mechanism_resumes_bitwise(tiny_run, tmp_path, weights, proj
     _, resumed, resumed_opt = tiny_model_and_optimizer(tiny_run, *overrides)
     resumed.load_state_dict(checkpoint.model)
     resumed_opt.load_state_dict(checkpoint.optimizer)
-    train_steps(resumed, resumed_opt, 3, 6)
+    train_steps(resumed, resumed_opt, 2, 4)
 
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
