@@ -29,26 +29,44 @@ from torch import Tensor
 from . import _checks as C
 from ._tl import INT4, INT8, NF4, nf4_value
 
+# (BLOCK_M, BLOCK_J, BLOCK_R, warps, stages, SWAP), by the token counts (M) each suits: the
+# autotuner only times a key's own row (prune_configs), so one key costs 3-4 timings.
+_CONFIG_ROWS = {
+    "small": [  # M <= 16: decode-like, bound by reading W; wide J tiles, many CTAs
+        (16, 64, 128, 4, 4, True),
+        (16, 128, 128, 4, 3, True),
+        (16, 64, 128, 4, 4, False),
+    ],
+    "medium": [  # 16 < M <= 256
+        (64, 128, 64, 4, 4, False),
+        (64, 128, 64, 4, 4, True),
+        (32, 64, 128, 4, 4, False),
+    ],
+    "large": [  # M > 256: bound by the tensor cores
+        (128, 128, 64, 8, 3, False),
+        (128, 256, 64, 8, 3, False),
+        (128, 128, 64, 8, 3, True),
+        (128, 64, 64, 4, 4, False),
+    ],
+}
+
+
+def _size_class(m_bucket: int) -> str:
+    return "small" if m_bucket <= 16 else "medium" if m_bucket <= 256 else "large"
+
 
 def _configs() -> list[triton.Config]:
-    rows = [
-        # BLOCK_M, BLOCK_J, BLOCK_R, warps, stages
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-        (16, 128, 128, 4, 3),
-        (16, 32, 256, 4, 3),
-    ]
-    return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_J": j, "BLOCK_R": r, "GROUP_M": 8}, num_warps=w, num_stages=s
-        )
-        for m, j, r, w, s in rows
-    ]
+    out = []
+    for size, rows in _CONFIG_ROWS.items():
+        for m, j, r, w, st, sw in rows:
+            cfg = triton.Config(
+                {"BLOCK_M": m, "BLOCK_J": j, "BLOCK_R": r, "GROUP_M": 8, "SWAP": sw},
+                num_warps=w,
+                num_stages=st,
+            )
+            cfg.size_class = size  # read by prune_configs
+            out.append(cfg)
+    return out
 
 
 @triton.jit
@@ -82,6 +100,7 @@ def _dq_matmul_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr,
 ):
     # grouped launch order: GROUP_M row-tiles share each W column-tile while it is in L2
     pid = tl.program_id(0)
@@ -101,7 +120,10 @@ def _dq_matmul_kernel(
     SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R  # a tile's extent along W's rows (k)
     ALIGNED: tl.constexpr = ROW_ALIGNED and (G % SPAN == 0)
     NUM_GROUPS = tl.cdiv(J * R, G)
-    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
@@ -143,14 +165,28 @@ def _dq_matmul_kernel(
         else:  # groups smaller than the tile: a gather per element (pipelined through shared memory)
             s = tl.load(s_ptr + flat // G, mask=w_ok, other=0.0)
         w = q * s
+        # SWAP computes out^T = W~ a^T: the dequantized tile (in registers) is the dot's first
+        # operand, which Hopper's wgmma may read from registers (the second must sit in shared
+        # memory, where the pipelined activations already are); without SWAP the tile is
+        # written to shared memory first. The autotuner picks.
         if UPCAST:  # the interpreter computes bf16 dots wrongly (environment.md section 3)
-            acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+            if SWAP:
+                acc += tl.dot(tl.trans(w), tl.trans(a.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
         else:
-            acc += tl.dot(a, w.to(a.dtype))
-    o_ptr = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :]
-    o_ok = m_ok[:, None] & j_ok[None, :]
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # round to nearest even on the bits (the interpreter's cast truncates)
+            if SWAP:
+                acc += tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a))
+            else:
+                acc += tl.dot(a, w.to(a.dtype))
+    if SWAP:
+        o_ptr = out_ptr + offs_m[None, :] * stride_om + offs_j[:, None]
+        o_ok = m_ok[None, :] & j_ok[:, None]
+    else:
+        o_ptr = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :]
+        o_ok = m_ok[:, None] & j_ok[None, :]
+    if UPCAST and out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even on the bits: the interpreter's cast truncates (GPUs round)
         bits = acc.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         tl.store(o_ptr, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=o_ok)
@@ -164,28 +200,43 @@ def _span(config: triton.Config, trans: bool) -> int:
 
 # For groups shorter than every tile (G = 16 or 32): the per-element scale gather, kept small.
 _SMALL_GROUP_CONFIG = triton.Config(
-    {"BLOCK_M": 32, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_M": 8}, num_warps=4, num_stages=2
+    {"BLOCK_M": 32, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_M": 8, "SWAP": False},
+    num_warps=4,
+    num_stages=2,
 )
 
 
 def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep the configs whose tile spans at most one group along W's rows. A longer tile takes
-    the per-element scale gather, which the pipeliner stages through shared memory (4 bytes an
-    element a stage): up to 180 KB at G = 64, over sm_89's 99 KB (compiled for sm_89,
-    2026-12-01)."""
+    """The configs of the key's token-count class whose tile spans at most one group along W's
+    rows. A longer tile takes the per-element scale gather, which the pipeliner stages through
+    shared memory (4 bytes an element a stage): up to 180 KB at G = 64, over sm_89's 99 KB
+    (compiled for sm_89, 2026-12-01)."""
     group = kwargs.get("G", named_args.get("G"))
     trans = kwargs.get("TRANS", named_args.get("TRANS"))
+    m_bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
+    if m_bucket is not None:
+        size = _size_class(m_bucket)
+        configs = [c for c in configs if getattr(c, "size_class", size) == size]
     kept = [c for c in configs if _span(c, trans) <= group]
     return kept or [_SMALL_GROUP_CONFIG]
+
+
+def _autotune_bench(kernel_call, quantiles):
+    # 5 ms warm-up and 25 ms of repeats a config (the default 25 + 100 ms makes a first call at
+    # a new shape cost over a second); medians are stable at these sizes
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 _tuned = triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "J", "R", "FMT", "TRANS", "G"],
     prune_configs_by={"early_config_prune": prune_configs},
+    do_bench=_autotune_bench,
 )(_dq_matmul_kernel)
 
-# the interpreter runs each program as numpy steps: one small fixed tile (>= 16 for tl.dot)
+# The interpreter runs each program as numpy steps: one small fixed tile (>= 16 for tl.dot),
+# swapped below 16 rows (the decode-like case the swapped configs serve), so the CPU tests run
+# both operand orders.
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_J": 32, "BLOCK_R": 32, "GROUP_M": 8}
 
 
@@ -224,7 +275,7 @@ def _matmul(
         meta = dict(G=group_size, FMT=fmt, TRANS=trans, ROW_ALIGNED=k % group_size == 0)
         if C.interpreting():
             grid = (triton.cdiv(m, 16) * triton.cdiv(j, 32),)
-            _dq_matmul_kernel[grid](*args, **meta, UPCAST=True, **_INTERPRET_META)
+            _dq_matmul_kernel[grid](*args, **meta, UPCAST=True, SWAP=m < 16, **_INTERPRET_META)
         else:
             grid = lambda mt: (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(j, mt["BLOCK_J"]),)  # noqa: E731
             _tuned[grid](*args, **meta, UPCAST=False)

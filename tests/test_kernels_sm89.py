@@ -123,27 +123,29 @@ def compile_all(full: bool) -> list[dict]:
 
     base = {"a_ptr": "*bf16", "s_ptr": "*fp32", "out_ptr": "*bf16"}
     base.update({k: "i32" for k in ("M", "J", "R", "K", "stride_am", "stride_om", "M_BUCKET")})
-    # (fmt, trans, row_aligned, group): the quick set covers every scale path and format
+    # (fmt, trans, row_aligned, group, swap): the quick set covers every scale path, format and
+    # operand order at the largest tiles kept (the most shared memory); --full compiles all
     variants = [
-        (0, False, True, 256),
-        (1, True, False, 256),
-        (2, False, False, 256),
-        (2, True, True, 64),
+        (0, False, True, 256, False),
+        (1, True, False, 256, False),
+        (2, False, False, 256, True),
+        (2, True, True, 64, False),
     ]
     if full:
         variants = [
-            (f, t, a, g)
+            (f, t, a, g, None)
             for f in (0, 1, 2)
             for t in (False, True)
             for a in (True, False)
             for g in (64, 128, 256)
         ]
-    for fmt, trans, aligned, group in variants:
+    for fmt, trans, aligned, group, swap in variants:
         kept = matmul.prune_configs(matmul._configs(), {}, G=group, TRANS=trans)
-        if not full:  # the largest tiles kept: the most shared memory
+        if swap is not None:
+            same = [c for c in kept if c.kwargs["SWAP"] == swap] or kept
             kept = [
                 max(
-                    kept,
+                    same,
                     key=lambda c: (
                         c.num_stages
                         * c.kwargs["BLOCK_J"]
@@ -156,7 +158,8 @@ def compile_all(full: bool) -> list[dict]:
             meta = dict(
                 G=group, FMT=fmt, TRANS=trans, ROW_ALIGNED=aligned, UPCAST=False, **c.kwargs
             )
-            name = f"matmul fmt={fmt} trans={trans} aligned={aligned} G={group} {tuple(c.kwargs.values())[:3]}/{c.num_stages}"
+            tiles = tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_R"))
+            name = f"matmul fmt={fmt} trans={trans} aligned={aligned} G={group} tiles={tiles} stages={c.num_stages} swap={c.kwargs['SWAP']}"
             build(matmul._dq_matmul_kernel, name, sig, meta, c.num_warps, c.num_stages)
     return rows
 
