@@ -1,0 +1,132 @@
+"""APOLLO and APOLLO-Mini (Zhu et al. 2024, arXiv 2412.05270), as the official code does them
+(research section 6).
+
+The projection only estimates how much Adam would rescale each channel; the update is the
+rescaled full raw gradient. Right side when m >= n (B = P^T is n x r, R and N are m x r, the m
+channels are their rows); left otherwise (B is m x r, R and N are r x n, the n channels are
+their columns). Per step t:
+    if (t-1) mod T == 0: B ~ N(0, 1/r), drawn from (run seed, tensor name, resample index)
+    R = down(G);  Adam moments on R (kept across a resample);  N = M / (sqrt(V) + eps)
+    apollo:       s_i = ||N_i|| / (||R_i|| + 1e-8) per channel,  U = diag(s) G
+    apollo_mini:  s = ||N||_F / (||R||_F + 1e-8) (rank 1, one scale),  U = s G
+    U <- U / (max(||U|| / ||U_prev||, gamma) / gamma),  ||U_prev|| <- ||U||   (the limiter)
+    W <- W - lr c_t alpha U;  then W <- W - lr wd W
+`scale` is alpha, the multiplier of the update as research writes it. The official code
+multiplies by sqrt(its --scale): APOLLO's --scale 1 is alpha 1, APOLLO-Mini's --scale 128 is
+alpha = sqrt(128) = 11.3137 (130M: --scale 192, alpha 13.8564).
+
+Where the code and the paper differ:
+- The code stores P in the optimizer state (so does this module: `state["basis"]`, in the
+  parameter's dtype, so the shared machinery rotates or checks it like any basis); the paper
+  means P to be regenerated from its seed and not stored. Not offered: a resample here is
+  reproducible from (seed, name, index) anyway, bit for bit.
+- The code decays the updated weight (W <- W - lr wd W after the step); the paper's Algorithm 1
+  decays the pre-update one (W_t = W_(t-1) - lr alpha U - lr wd W_(t-1)): `decay_on`.
+- The code keeps the moments at a resample although the new P is independent of the old
+  (the paper is silent): `moments_at_refresh` keep is the default; reset is the clean choice.
+- Seeds: the code seeds each matrix by its index among the parameters and advances the seed per
+  resample; here the seed is derived from (run seed, tensor name, resample index), drawn on the
+  CPU, so it does not depend on the parameter order or the device.
+`scale_front` (sqrt(scale) applied before the limiter) is not a key: the limiter compares norms
+of successive updates, so both orders give the same update (up to the 1e-8 guards).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from torch import Tensor
+
+from lowrank_train.config import knob
+from lowrank_train.errors import ConfigError
+from lowrank_train.projectors.base import (
+    PROJECTORS,
+    LowRankAdam,
+    LowRankOptions,
+    State,
+    limit_norm_growth,
+)
+from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
+from lowrank_train.projectors.subspace import gaussian_basis
+
+if TYPE_CHECKING:
+    from lowrank_train.config import RunConfig
+
+
+@PROJECTORS.register
+class Apollo(LowRankAdam):
+    """Channel-wise APOLLO at rank r."""
+
+    name = "apollo"
+
+    @dataclass
+    class Config(LowRankOptions):
+        # official C4 scripts: r 128/192/256/256/256 (60M/130M/350M/1B/7B), T 200,
+        # --scale 1 (alpha 1), gamma 1.01, random projection, channel-wise scaling
+        rank: int = knob(256, "rank r of the random projection")
+        update_gap: int = knob(200, "T: steps between resamples of the projection")
+        scale: float = knob(1.0, "alpha: W <- W - lr * alpha * U (the code's sqrt(--scale))")
+        gamma: float = knob(1.01, "limiter: ||U_t|| at most gamma * ||U_(t-1)||")
+        decay_on: Literal["updated", "previous"] = knob(
+            "updated",
+            "weight decay of the updated weight (the code) or of the previous one (the paper)",
+        )
+
+    @property
+    def decay_after_update(self) -> bool:  # type: ignore[override]
+        return self.options.decay_on == "updated"
+
+    def validate(self, cfg: RunConfig) -> None:
+        super().validate(cfg)
+        check_gamma(self.options.gamma)
+
+    def new_basis(self, grad: Tensor, state: State) -> Tensor:
+        """B = P^T, (d, r) with entries N(0, 1/r), from (seed, name, resample index)."""
+        d = min(grad.shape)
+        rank = self.options.rank
+        return gaussian_basis(d, rank, self.seed, state["name"], state["refreshes"], grad.device)
+
+    def scales(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        """s_i = ||N_i|| / (||R_i|| + 1e-8), shaped (m, 1) on the right and (1, n) on the left."""
+        side, dtype = state["side"], scale_dtype(grad)
+        return channel_norms(low_update, side, dtype) / (
+            channel_norms(low_grad, side, dtype) + RATIO_EPS
+        )
+
+    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        s = self.scales(low_update, low_grad, grad, state)
+        limited = limit_norm_growth(grad * s.to(grad.dtype), state, self.options.gamma)
+        return limited * self.options.scale
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """2 moments of D x r, the stored d x r projection (the code's choice; the paper would
+        store only the seed) and the limiter's fp32 norm."""
+        return super().state_bytes(shape, state_dtype, param_bytes) + 4
+
+
+@PROJECTORS.register
+class ApolloMini(Apollo):
+    """Tensor-wise APOLLO at rank 1: one scale per matrix."""
+
+    name = "apollo_mini"
+
+    @dataclass
+    class Config(Apollo.Config):
+        # official C4 scripts: r 1, T 200, --scale 128 (alpha sqrt(128) = 11.3137; 60M and
+        # 130M with --scale_front, 130M --scale 192: alpha 13.8564), tensor-wise scaling
+        rank: int = knob(1, "rank of the random projection: 1 (tensor-wise scaling)")
+        scale: float = knob(11.3137, "alpha: W <- W - lr * alpha * U (the code's sqrt(--scale))")
+
+    def validate(self, cfg: RunConfig) -> None:
+        if self.options.rank != 1:
+            raise ConfigError(
+                f"optim.projector.rank: {self.options.rank} is not allowed: apollo_mini is "
+                "rank 1 (tensor-wise scaling; apollo is the channel-wise method at rank r)"
+            )
+        super().validate(cfg)
+
+    def scales(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        """s = ||N||_F / (||R||_F + 1e-8), one 0-d scale for the whole matrix."""
+        dtype = scale_dtype(grad)
+        return low_update.to(dtype).norm() / (low_grad.to(dtype).norm() + RATIO_EPS)
