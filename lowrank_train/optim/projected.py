@@ -3,9 +3,9 @@
 Per tensor W with gradient G at step t (1-based, counted per tensor):
     refresh the projector's state when it asks (a non-finite gradient or a failing basis
     finder keeps the old basis and logs an event);
-    D = projector.direction(W, G, state, t, group)
-    W <- W - lr * D, with decoupled decay W <- W - lr * wd * W after the update (GaLore's code)
-    or before it (Adafactor's), as the projector says.
+    projector.update_(W, G, state, t, group): W <- W - lr * direction(W, G, state, t, group),
+    with decoupled decay W <- W - lr * wd * W after the update (GaLore's code) or before it
+    (Adafactor's), as the projector says; a low-rank update may be fused (GaLore: one addmm_).
 Everything a projector remembers is in `self.state[p]` as tensors and plain values, so
 `state_dict()` is the checkpoint; loading keeps every state tensor's saved dtype.
 
@@ -84,8 +84,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     refreshed += self._refresh(p.grad, name, state, step)
                 if any(key not in state for key in self.projector.shared_keys):
                     continue  # no basis yet (the first refresh failed): nothing to step with
-                direction = self.projector.direction(p, p.grad, state, step, group)
-                self._apply(p, direction, group)
+                self.projector.update_(p, p.grad, state, step, group)
         if refreshed:
             self.events.append(
                 {
@@ -114,15 +113,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         )
         log.warning("step %d: %s kept its old basis (%s)", step, name, reason)
         return 0
-
-    def _apply(self, p: torch.Tensor, direction: torch.Tensor, group: dict) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        after = self.projector.decay_after_update
-        if wd and not after:
-            p.mul_(1 - lr * wd)
-        p.add_(direction.to(p.dtype), alpha=-lr)
-        if wd and after:
-            p.mul_(1 - lr * wd)
 
     def pop_events(self) -> list[dict]:
         events, self.events = self.events, []

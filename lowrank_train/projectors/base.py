@@ -83,6 +83,18 @@ class Projector:
         """The full-shape update direction before lr; `param` is the (dequantized) weight."""
         raise NotImplementedError
 
+    def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
+        """W <- W - lr * direction, with the decoupled decay around it."""
+        self.decay_(param, hp, before_update=True)
+        param.add_(self.direction(param, grad, state, step, hp).to(param.dtype), alpha=-hp["lr"])
+        self.decay_(param, hp, before_update=False)
+
+    def decay_(self, param: Tensor, hp: dict, before_update: bool) -> None:
+        """W <- W - lr * wd * W, after the update (GaLore's code: on the updated weight) or
+        before it (Adafactor's), as `decay_after_update` says."""
+        if hp["weight_decay"] and before_update != self.decay_after_update:
+            param.mul_(1 - hp["lr"] * hp["weight_decay"])
+
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """Bytes of this projector's optimizer state for one (m, n) tensor (documented formula)."""
         raise NotImplementedError
@@ -255,6 +267,29 @@ class LowRankAdam(Projector):
         return self.back(low_update, state) * self.options.scale
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        low_update, low_grad, correction = self.moments_step(grad, state, hp)
+        return self.up(low_update, low_grad, grad, state) * correction
+
+    def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
+        low_update, low_grad, correction = self.moments_step(grad, state, hp)
+        self.decay_(param, hp, before_update=True)
+        self.add_up_(param, low_update, low_grad, grad, state, -hp["lr"] * correction)
+        self.decay_(param, hp, before_update=False)
+
+    def add_up_(
+        self,
+        param: Tensor,
+        low_update: Tensor,
+        low_grad: Tensor,
+        grad: Tensor,
+        state: State,
+        alpha: float,
+    ) -> None:
+        """W += alpha * up(N, R, G) (GaLore overrides it with one accumulating GEMM)."""
+        param.add_(self.up(low_update, low_grad, grad, state).to(param.dtype), alpha=alpha)
+
+    def moments_step(self, grad: Tensor, state: State, hp: dict) -> tuple[Tensor, Tensor, float]:
+        """(N, R, c_t): the Adam step on R = down(G), moments updated in place."""
         low_grad = self.down(grad, state)
         if "exp_avg" not in state:
             self.init_moments(state, low_grad.shape, low_grad.device, hp["state_dtype"])
@@ -273,8 +308,7 @@ class LowRankAdam(Projector):
         )
         state["moment_step"] += 1
         t = state["moment_step"]
-        correction = (1 - beta2**t) ** 0.5 / (1 - beta1**t)
-        return self.up(low_update, low_grad, grad, state) * correction
+        return low_update, low_grad, (1 - beta2**t) ** 0.5 / (1 - beta1**t)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r in state_dtype + the d x r basis in the parameter's dtype."""

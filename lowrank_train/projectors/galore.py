@@ -38,6 +38,17 @@ class SVDProjector(LowRankAdam):
 class GaLore(SVDProjector):
     name = "galore"
 
+    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
+        """W += alpha * scale * back(N) as one GEMM accumulating into W (addmm_): no full-size
+        direction is formed, scaled or read again (the step's largest memory traffic)."""
+        basis = state["basis"]
+        low = low_update.to(basis.dtype)
+        a = alpha * self.options.scale
+        if state["side"] == "right":
+            param.addmm_(low, basis.T, alpha=a)
+        else:
+            param.addmm_(basis, low, alpha=a)
+
     @dataclass
     class Config(SVDOptions):
         # the official C4 scripts: r 128 (60M) to 1024 (1B, 7B), T 200 (7B 500), alpha 0.25
