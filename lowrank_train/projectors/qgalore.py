@@ -1,0 +1,153 @@
+"""Q-GaLore (Zhang et al. 2024, arXiv 2407.08296): GaLore with an INT4 basis and a lazy,
+layer-adaptive refresh (research/projectors.md section 2).
+
+Projection side, Adam on the projected gradient and alpha are GaLore's (projectors/galore.py).
+On top of it:
+
+- The basis is stored INT4: the (d, r) basis flattened row-major into groups of 256, symmetric
+  absmax (s = absmax/7, q = clamp(round(x/s), -7, 7)), two codes a byte
+  (`kernels.reference.quantize_int4`), in `basis_codes` (uint8) and `basis_scales` (fp32); every
+  use dequantizes it, at the gradient's dtype. The official code's quantizer is asymmetric with a
+  zero point, stores one code a byte, and clips groups whose values all have one sign (its zero
+  point clamps at 0; research 2.4): symmetric absmax keeps them.
+- The lazy refresh (research 2.1 step 2): at each scheduled refresh the new basis is computed
+  and used; the cosine between the previous and the new leading singular vector (the basis's
+  first column, before quantization) is pushed into a queue of `queue_size`; when the queue is
+  full and its mean is >= `cos_threshold`, the tensor's gap is multiplied by `gap_growth`. The
+  gap never shrinks and the queue is not cleared, so a layer that stays aligned grows its gap at
+  every later refresh; the next refresh is at the next multiple of the gap ((t-1) % gap == 0).
+  The official code compares signed vectors, and an SVD's sign is arbitrary: an unchanged
+  subspace can read as cos -1. The default is |cos|; `signed_cosine: true` is the code's.
+
+The official recipe's inner Adam is 8-bit with betas (0.9, 0.95): the run files set
+`optim.state_dtype: int8` and `optim.betas`. Q-GaLore's other half, INT8 weights with stochastic
+rounding, is the parameterizations issue's `int8` (`weights.name: int8` with this projector).
+
+State per tensor: the moments (LowRankAdam), `basis_codes`, `basis_scales`, `basis_rows` (d),
+`leading` (the previous leading vector, fp32 (d,)), `queue` (fp32 (queue_size,)),
+`queue_count` (entries pushed, at most queue_size) and `gap` (the tensor's current gap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from lowrank_train.config import knob
+from lowrank_train.errors import ConfigError
+from lowrank_train.kernels import reference
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, moment_bytes
+from lowrank_train.projectors.galore import SVDProjector
+
+GROUP = 256  # the official --proj_quant group size
+
+
+def quantize_basis(basis: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed INT4 codes, fp32 group scales) of a basis, flattened row-major; an odd number of
+    values is padded with one zero (two codes a byte)."""
+    flat = basis.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return reference.quantize_int4(flat, group_size=GROUP)
+
+
+def dequantize_basis(codes: Tensor, scales: Tensor, shape: tuple[int, int], dtype) -> Tensor:
+    """The (d, r) basis the codes stand for, in `dtype` (the pad of an odd count dropped)."""
+    flat = reference.dequantize_int4(codes, scales, (codes.numel() * 2,), GROUP, dtype)
+    return flat[: shape[0] * shape[1]].view(shape)
+
+
+@PROJECTORS.register
+class QGaLore(SVDProjector):
+    name = "qgalore"
+    shared_keys = ("basis_codes", "basis_scales", "leading", "queue")
+
+    @dataclass
+    class Config(SVDOptions):
+        # official scripts: GaLore's ranks, T 200, alpha 0.25; cos 0.4, queue 5, gamma 2
+        rank: int = knob(128, "rank r of the projected gradient")
+        update_gap: int = knob(200, "T: initial steps between SVD refreshes (grows lazily)")
+        scale: float = knob(0.25, "alpha: W <- W - lr * alpha * N B^T")
+        cos_threshold: float = knob(
+            0.4, "the gap grows when the mean cosine of the queue is at least this"
+        )
+        queue_size: int = knob(5, "refreshes whose leading-vector cosines are averaged")
+        gap_growth: int = knob(2, "gamma: the gap's factor when the queue stays aligned")
+        signed_cosine: bool = knob(
+            False, "compare signed leading vectors as the official code (default |cos|)"
+        )
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        o = self.options
+        if o.queue_size < 1:
+            raise ConfigError(f"optim.projector.queue_size: {o.queue_size} must be >= 1")
+        if o.gap_growth < 1:
+            raise ConfigError(f"optim.projector.gap_growth: {o.gap_growth} must be >= 1")
+
+    def init_state(self, param: Parameter, name: str) -> State:
+        state = super().init_state(param, name)
+        state["gap"] = self.options.update_gap
+        state["queue"] = torch.zeros(self.options.queue_size, device=param.device)
+        state["queue_count"] = 0
+        return state
+
+    def needs_refresh(self, state: State, step: int) -> bool:
+        """At every multiple of the tensor's current gap: steps 1, gap+1, ... (1-based)."""
+        return (step - 1) % state["gap"] == 0
+
+    def basis(self, state: State, dtype: torch.dtype) -> Tensor:
+        """The dequantized (d, r) basis, in `dtype`."""
+        shape = (state["basis_rows"], self.options.rank)
+        return dequantize_basis(state["basis_codes"], state["basis_scales"], shape, dtype)
+
+    def previous_basis(self, state: State) -> Tensor | None:
+        return self.basis(state, torch.float32) if "basis_codes" in state else None
+
+    def refresh(self, grad: Tensor, state: State) -> None:
+        old = self.previous_basis(state)
+        new = self.new_basis(grad, state)
+        if not torch.isfinite(new).all():  # one host sync, at refreshes only
+            raise FloatingPointError("the basis finder returned non-finite values")
+        leading = new[:, 0].float()
+        if "leading" in state:
+            self.update_gap(
+                state, torch.nn.functional.cosine_similarity(state["leading"], leading, dim=0)
+            )
+        state["leading"] = leading
+        codes, scales = quantize_basis(new)
+        state["basis_codes"], state["basis_scales"] = codes, scales
+        state["basis_rows"] = new.shape[0]
+        if old is not None and "exp_avg" in state:
+            self.carry_moments(state, old, self.basis(state, torch.float32))
+        state["refreshes"] += 1
+
+    def update_gap(self, state: State, cos: Tensor) -> None:
+        """Push the cosine (|cos| unless signed_cosine); grow the gap when the full queue's mean
+        reaches the threshold."""
+        o = self.options
+        value = cos if o.signed_cosine else cos.abs()
+        state["queue"] = torch.cat([state["queue"][1:], value.reshape(1).to(state["queue"])])
+        state["queue_count"] = min(state["queue_count"] + 1, o.queue_size)
+        if state["queue_count"] == o.queue_size and state["queue"].mean().item() >= o.cos_threshold:
+            state["gap"] *= o.gap_growth
+
+    def down(self, grad: Tensor, state: State) -> Tensor:
+        basis = self.basis(state, grad.dtype)
+        return grad @ basis if state["side"] == "right" else basis.T @ grad
+
+    def back(self, low: Tensor, state: State) -> Tensor:
+        basis = self.basis(state, low.dtype)
+        return low @ basis.T if state["side"] == "right" else basis @ low
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """2 moments of D x r in state_dtype + INT4 codes (d r / 2 bytes, rounded up) + an fp32
+        scale per 256 values + the fp32 leading vector (d) + the fp32 queue."""
+        r = self.options.rank
+        d, big = sorted(shape)
+        padded = d * r + (d * r) % 2
+        basis = padded // 2 + 4 * reference.num_blocks(padded, GROUP)
+        return 2 * moment_bytes(big * r, state_dtype) + basis + 4 * d + 4 * self.options.queue_size
