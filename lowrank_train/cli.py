@@ -81,8 +81,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for title, registry in rows:
         print(f"{title}:")
         for cls in registry:
-            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"  {cls.name:<14} {doc}")
+            # the class's docstring, else its module's (one file per method)
+            doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+            print(f"  {cls.name:<14} {doc.strip().splitlines()[0] if doc.strip() else ''}")
     print("supported combinations (weights + projector: optimizers; those validate accepts):")
     by_pair: dict[tuple[str, str], list[str]] = {}
     for weights, projector, optimizer in supported_combinations():

@@ -88,13 +88,16 @@ def mechanism(projector: str) -> tuple:
     return definer("direction"), definer("refresh"), tuple(sorted(keys & {"rank", "svd"}))
 
 
+SUPPORTED = supported_combinations()  # from the registries at collection: new methods join
+
+
 def one_of_each_mechanism() -> list[tuple[str, str, str]]:
     """Accepted combinations covering every parameterization, projector mechanism and inner
     optimizer at least once (a full matrix of resumes would not fit the suite's budget)."""
     seen: set = set()
     chosen = []
     # projector none first: the inner optimizers are then covered by their cheapest runs
-    for w, p, o in sorted(supported_combinations(), key=lambda c: c[1] != "none"):
+    for w, p, o in sorted(SUPPORTED, key=lambda c: c[1] != "none"):
         new = {("weights", w), ("projector", mechanism(p)), ("optimizer", o)} - seen
         if new:
             seen |= new
@@ -102,7 +105,6 @@ def one_of_each_mechanism() -> list[tuple[str, str, str]]:
     return chosen
 
 
-SUPPORTED = supported_combinations()  # from the registries at collection: new methods join
 RESUMED = one_of_each_mechanism()
 
 

@@ -79,7 +79,9 @@ class Parameterization:
         raise NotImplementedError
 
     def validate(self, cfg: RunConfig) -> None:
-        """Raise a one-line ConfigError for combinations this method cannot run."""
+        """Raise a one-line ConfigError for combinations this method cannot run, worded
+        "dotted.key: value and what is allowed"; the resolve step puts the file that set the
+        key in front. `self.options` is this run's Config (the user's values)."""
 
 
 PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
