@@ -349,7 +349,11 @@ def plot(path: Path) -> Path:
         if r["case"].get("op") == "matmul" and r["settings"].get("direction") == "forward"
     ]
     shapes = sorted({(r["case"]["n"], r["case"]["k"]) for r in rows})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), squeeze=False)
+    labels = sorted({f"{r['provider']} {r['method']}" for r in rows})
+    colors = {
+        label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)
+    }  # one colour a provider
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.6), squeeze=False)
     for ax, (n, k) in zip(axes[0], shapes, strict=True):
         series: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
@@ -359,18 +363,25 @@ def plot(path: Path) -> Path:
                 )
         for label, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                color=colors[label],
+                label=label,
+            )
         ax.set(
             xscale="log",
             yscale="log",
             xlabel="tokens",
             ylabel="ms (do_bench median)",
-            title=f"W {n}x{k}",
+            title=f"W {n}x{k} (N x K)",
         )
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+    handles = [plt.Line2D([], [], color=colors[label], marker="o") for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.subplots_adjust(bottom=0.3)
     fig.suptitle(f"{rows[0]['device']} {rows[0]['date']}" if rows else "")
-    fig.tight_layout()
     out = Path(__file__).resolve().parent / "plots" / f"{path.stem}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -6,7 +6,7 @@ GPU tolerance table (why):
 | op | tolerance | reason |
 |---|---|---|
 | quantize_*, dequantize_* | exact | only correctly rounded ops (div_rn, one product, cvt.rn to bf16): nothing for the compiler to contract |
-| adam_update N, moments | 4 fp32 ulps of the terms' magnitude | the compiler may fuse b1*M + (1-b1)*g into an FMA (one rounding fewer) |
+| adam_update N, moments | 4 fp32 ulps of the terms' magnitude (+ one bf16 ulp for bf16 moments) | the compiler may fuse b1*M + (1-b1)*g into an FMA (one rounding fewer), which can move a bf16 store by one ulp |
 | adam_update 8-bit codes | <= 1 code, on < 0.1% of elements | an FMA-moved value that sits on a code boundary |
 | int8_sr_update scales | 2 fp32 ulps | the block max of FMA-computed values |
 | dequant-matmul | SQNR >= 45 dB vs float64 dequantize-then-matmul | bf16 operands and output (8 significant bits, ~55 dB each); fp32 accumulation |
@@ -100,10 +100,15 @@ def test_adam_update(state):
         gpu = [t.to(DEV, copy=True) for t in ref]
         n_ref = R.adam_update(g, ref[0], ref[1], **hp)
         n = fused_adam.adam_update(g.to(DEV, copy=True), gpu[0], gpu[1], **hp)
-        # fp32 moments: 4 ulps of the terms; bf16 moments: the store may round the other way
-        ulp = 2**-8 if state == "bfloat16" else 4 * 2**-24
+        # fp32 moments: 4 fp32 ulps of the terms (an FMA rounds once fewer). bf16 moments: that
+        # fp32 difference can carry a value across a bf16 rounding midpoint, so the store may
+        # land one bf16 ulp away (at most 2^-7 of the value). The first GPU run (H200,
+        # 2026-12-01) failed the earlier bound of 2^-8 of the terms; this one has not run there.
         mag = 0.9 * m_in.abs() + 0.1 * g.float().abs()
-        assert torch.all((_cpu(gpu[0]).float() - ref[0].float()).abs() <= ulp * mag)
+        bf16_ulp = 2**-7 * ref[0].float().abs() if state == "bfloat16" else 0.0
+        assert torch.all(
+            (_cpu(gpu[0]).float() - ref[0].float()).abs() <= 4 * 2**-24 * mag + bf16_ulp
+        )
     mag_m = 0.9 * m_in.abs() + 0.1 * g.float().abs()
     v_new = 0.999 * v_in + 0.001 * g.float() ** 2
     mag_n = mag_m / (v_new.sqrt() + 1e-8) + n_ref.abs()
