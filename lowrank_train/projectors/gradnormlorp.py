@@ -1,0 +1,134 @@
+"""GradNormLoRP (Huang et al., arXiv 2412.19616), reconstructed from the weight-normalization
+math, because no official implementation exists (research/projectors.md section 5).
+
+What the sources give. The paper (through a summary; the PDF was not read for the digest)
+weight-normalizes the matrix, w = g v / ||v||, and projects the update of the normalized
+weight's gradient to low rank with SVD bases. Its repository does not implement that: the
+scripts run GaLore's AdamW on a PEFT-DoRA wrapper of a frozen random network; `wadamw.py` never
+writes its update back to the weight and omits the magnitude factor of the direction gradient;
+`LowRankWeightNormAdamW.py` resets g to ||v|| every step and drops the tangent projection
+(research 5.2). So this module is neither the repository's code nor verified against the paper.
+
+What is built. Per output row i of W (out x in), at every step, with the current weight as the
+direction and its row norms as the magnitude (so the model's parameter stays the dense W):
+    v_i = W_i,  g_i = ||W_i||
+    dL/dg_i = <G_i, v_i> / ||v_i||                                    (weight normalization)
+    dL/dv_i = (g_i / ||v_i||) (G_i - (dL/dg_i) v_i / ||v_i||)         tangent: <dL/dv_i, v_i> = 0
+    v' = v - lr c_t alpha back(N),  N = Adam on R = down(dL/dv)       GaLore (LowRankAdam)
+    g' = g - lr c'_t N_g,  N_g = Adam on dL/dg                        its own Adam, m-vectors
+    W <- g' v' / ||v'||  (row-wise);  then W <- W - lr wd W            GaLore's decay
+GaLore's side and refresh: the basis is the top-r singular vectors of dL/dv (`refresh_input`),
+refreshed every T steps; moments kept (`moments_at_refresh`). The magnitude's Adam has the
+group's betas and eps, fp32 moments whatever `optim.state_dtype`, the bias correction c'_t of
+the tensor's step, and no alpha. `direction` is (W - W_new) / lr, so W - lr direction is the
+new weight; the optimizer's step writes W_new directly (`update_`).
+
+Reconstructed, not verified: the normalization axis (output rows here; the summary's matrix
+form writes column norms of W_0 + IJ), that the projected quantity is the direction's gradient
+(the summary's D_t is ambiguous), the one-sided projection (the summary writes a two-sided
+U eta(U^T D V) V^T), the refresh rule (GaLore's), how g is optimized (Adam, as the repository's
+LowRankWeightNormAdamW does), and the hyperparameters (GaLore's, which the repository's scripts
+copy). Chosen because each is the weight-normalization math applied to GaLore's machinery with
+no extra assumption, and the stated checks (research 5.4) hold for it.
+
+State per tensor: LowRankAdam's (moments of dL/dv in state_dtype, the basis in the weight's
+dtype) and `magnitude_exp_avg`, `magnitude_exp_avg_sq` (fp32, m each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowrank_train.config import knob
+from lowrank_train.kernels import reference
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions
+from lowrank_train.projectors.galore import SVDProjector
+
+NORM_FLOOR = 1e-12  # a zero row has no direction: its norm is floored, so it stays finite
+
+
+def work_dtype(grad: Tensor) -> torch.dtype:
+    """fp32 math for fp32/bf16 tensors; float64 stays float64 (the tests' references)."""
+    return torch.float64 if grad.dtype == torch.float64 else torch.float32
+
+
+def row_norms(v: Tensor) -> Tensor:
+    """||v_i|| of each output row, (m, 1)."""
+    return v.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+
+
+def magnitude_grad(grad: Tensor, v: Tensor) -> Tensor:
+    """dL/dg_i = <G_i, v_i> / ||v_i||, (m, 1)."""
+    return (grad * v).sum(dim=1, keepdim=True) / row_norms(v)
+
+
+def direction_grad(grad: Tensor, v: Tensor, g: Tensor) -> Tensor:
+    """dL/dv_i = (g_i / ||v_i||) (G_i - (dL/dg_i) v_i / ||v_i||), (m, n)."""
+    norms = row_norms(v)
+    return (g / norms) * (grad - magnitude_grad(grad, v) * v / norms)
+
+
+@PROJECTORS.register
+class GradNormLoRP(SVDProjector):
+    name = "gradnormlorp"
+
+    @dataclass
+    class Config(SVDOptions):
+        # no official recipe of the method exists; the repository's scripts are GaLore's:
+        # r 128 (60M) to 1024 (1B, 7B), T 200 (7B 500), alpha 0.25, lr 0.01 (7B 0.005)
+        rank: int = knob(128, "rank r of the projected direction gradient")
+        update_gap: int = knob(200, "T: steps between SVD refreshes")
+        scale: float = knob(0.25, "alpha: v <- v - lr * alpha * N B^T (the direction's step)")
+
+    def refresh_input(self, param: Tensor, grad: Tensor) -> Tensor:
+        """The basis comes from the direction's gradient dL/dv, not from G."""
+        v = param.to(work_dtype(grad))
+        return direction_grad(grad.to(v.dtype), v, row_norms(v)).to(grad.dtype)
+
+    def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        """g' v' / ||v'|| after one Adam step of the direction (projected) and the magnitude."""
+        dtype = work_dtype(grad)
+        v = param.to(dtype)
+        g = row_norms(v)
+        grad = grad.to(dtype)
+        grad_g = magnitude_grad(grad, v)
+        grad_v = direction_grad(grad, v, g)
+        low_update, low_grad, correction = self.moments_step(grad_v.to(param.dtype), state, hp)
+        step_v = self.up(low_update, low_grad, grad_v, state).to(dtype)
+        v_new = v - (hp["lr"] * correction) * step_v
+        if "magnitude_exp_avg" not in state:
+            state["magnitude_exp_avg"] = torch.zeros(g.shape[0], device=g.device)
+            state["magnitude_exp_avg_sq"] = torch.zeros(g.shape[0], device=g.device)
+        beta1, beta2 = hp["betas"]
+        step_g = reference.adam_update(
+            grad_g.reshape(-1),
+            state["magnitude_exp_avg"],
+            state["magnitude_exp_avg_sq"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=hp["eps"],
+        ).to(dtype)
+        correction_g = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+        g_new = g - (hp["lr"] * correction_g) * step_g[:, None]
+        return g_new * v_new / row_norms(v_new)
+
+    def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        """(W - W_new) / lr: W - lr * direction is the new weight (zero at lr 0)."""
+        w_new = self.new_weight(param, grad, state, step, hp)
+        if hp["lr"] == 0:
+            return torch.zeros_like(w_new)
+        return (param.to(w_new.dtype) - w_new) / hp["lr"]
+
+    def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
+        """W <- W_new exactly (no (W - W_new) / lr round trip), GaLore's decay after it."""
+        w_new = self.new_weight(param, grad, state, step, hp)
+        self.decay_(param, hp, before_update=True)
+        param.copy_(w_new)
+        self.decay_(param, hp, before_update=False)
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """LowRankAdam's (2 D r moments + the d r basis) + the magnitude's 2 fp32 m-vectors."""
+        return super().state_bytes(shape, state_dtype, param_bytes) + 2 * 4 * shape[0]
