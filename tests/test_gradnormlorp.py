@@ -148,11 +148,17 @@ def test_full_rank_identity_basis_is_adam_on_v_and_g(monkeypatch):
 
 def test_a_step_changes_the_weight_and_its_row_norms():
     """The repository's WeightNormGaLoreAdamW never writes its update back (research 5.2):
-    here one step moves W, and the magnitude moves the row norms too."""
+    here one step moves W, the magnitude moves the row norms too, and zero rows train."""
     w0 = initial_weight((16, 12))
     ours, _ = run_projector("gradnormlorp", gradients((16, 12), 1), rank=4, w0=w0)
     assert (ours[0] - w0).abs().max() > 1e-4
     assert (ours[0].norm(dim=1) - w0.norm(dim=1)).abs().max() > 1e-4
+    # a zero row has no direction to normalize: it takes GaLore's step and leaves zero
+    w0[3] = 0.0
+    ours, _ = run_projector("gradnormlorp", gradients((16, 12), 2), rank=4, w0=w0)
+    assert torch.isfinite(ours[1]).all() and ours[0][3].abs().min() > 0
+    zeros, _ = run_projector("gradnormlorp", gradients((16, 12), 2), rank=4)
+    assert (zeros[1].norm(dim=1) > 0).all()  # a zero-initialized tensor trains
 
 
 def test_state_bytes_match_the_tensors_in_state():

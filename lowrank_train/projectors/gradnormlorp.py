@@ -20,7 +20,8 @@ direction and its row norms as the magnitude (so the model's parameter stays the
 GaLore's side and refresh: the basis is the top-r singular vectors of dL/dv (`refresh_input`),
 refreshed every T steps; moments kept (`moments_at_refresh`). The magnitude's Adam has the
 group's betas and eps, fp32 moments whatever `optim.state_dtype`, the bias correction c'_t of
-the tensor's step, and no alpha. `direction` is (W - W_new) / lr, so W - lr direction is the
+the tensor's step, and no alpha. A zero row (a zero-initialized tensor) has no direction: it is
+stepped as GaLore would step it, unnormalized, until it has one. `direction` is (W - W_new) / lr, so W - lr direction is the
 new weight; the optimizer's step writes W_new directly (`update_`).
 
 Reconstructed, not verified: the normalization axis (output rows here; the summary's matrix
@@ -47,7 +48,7 @@ from lowrank_train.kernels import reference
 from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions
 from lowrank_train.projectors.galore import SVDProjector
 
-NORM_FLOOR = 1e-12  # a zero row has no direction: its norm is floored, so it stays finite
+NORM_FLOOR = 1e-12  # rows at or below this norm have no direction (see `split`)
 
 
 def work_dtype(grad: Tensor) -> torch.dtype:
@@ -71,6 +72,15 @@ def direction_grad(grad: Tensor, v: Tensor, g: Tensor) -> Tensor:
     return (g / norms) * (grad - magnitude_grad(grad, v) * v / norms)
 
 
+def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(g, dL/dg, dL/dv, zero rows) at g = ||v||. A zero row has no direction to normalize: it
+    takes the plain gradient and is not renormalized (so a zero-initialized tensor trains)."""
+    g = row_norms(v)
+    zero = g <= NORM_FLOOR
+    grad_v = torch.where(zero, grad, direction_grad(grad, v, g))
+    return g, magnitude_grad(grad, v), grad_v, zero
+
+
 @PROJECTORS.register
 class GradNormLoRP(SVDProjector):
     name = "gradnormlorp"
@@ -86,16 +96,13 @@ class GradNormLoRP(SVDProjector):
     def refresh_input(self, param: Tensor, grad: Tensor) -> Tensor:
         """The basis comes from the direction's gradient dL/dv, not from G."""
         v = param.to(work_dtype(grad))
-        return direction_grad(grad.to(v.dtype), v, row_norms(v)).to(grad.dtype)
+        return split(grad.to(v.dtype), v)[2].to(grad.dtype)
 
     def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """g' v' / ||v'|| after one Adam step of the direction (projected) and the magnitude."""
         dtype = work_dtype(grad)
         v = param.to(dtype)
-        g = row_norms(v)
-        grad = grad.to(dtype)
-        grad_g = magnitude_grad(grad, v)
-        grad_v = direction_grad(grad, v, g)
+        g, grad_g, grad_v, zero = split(grad.to(dtype), v)
         low_update, low_grad, correction = self.moments_step(grad_v.to(param.dtype), state, hp)
         step_v = self.up(low_update, low_grad, grad_v, state).to(dtype)
         v_new = v - (hp["lr"] * correction) * step_v
@@ -113,7 +120,7 @@ class GradNormLoRP(SVDProjector):
         ).to(dtype)
         correction_g = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
         g_new = g - (hp["lr"] * correction_g) * step_g[:, None]
-        return g_new * v_new / row_norms(v_new)
+        return torch.where(zero, v_new, g_new * v_new / row_norms(v_new))
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """(W - W_new) / lr: W - lr * direction is the new weight (zero at lr 0)."""
