@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from lowrank_train.cli import main
-from lowrank_train.config import RunConfig, dump_yaml
+from lowrank_train.config import RunConfig, dump_yaml, to_dict
 from lowrank_train.errors import ConfigError
 from lowrank_train.models import PRESETS, build_model
 from lowrank_train.projectors import PROJECTORS
@@ -214,6 +214,19 @@ def test_resolved_config_round_trips(run_file, tmp_path):
     again, _ = load_run(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
     assert again == cfg
     assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize("projector", PROJECTORS.names())
+def test_every_registered_projector_round_trips_with_its_own_defaults(
+    run_file, tmp_path, projector
+):
+    cfg, _ = load_run(run_file, [f"optim.projector.name={projector}"])
+    method = cfg.optim.projector.method
+    assert method == PROJECTORS.get(projector).Config()  # unset keys: the method's defaults
+    dumped = yaml.safe_load(dump_yaml(cfg))["optim"]["projector"]
+    assert dumped == {"name": projector, **to_dict(method)}
+    again, _ = load_run(write(tmp_path / "resolved.yaml", dump_yaml(cfg)))
+    assert again == cfg
 
 
 def test_every_shipped_config_loads(tmp_path):
