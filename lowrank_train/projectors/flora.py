@@ -17,7 +17,9 @@ every use: only the index is in state. Per step t (1-based, per tensor):
     W <- W - rho wd W;  W <- W - rho o                                 decay before the update
 The output reads M_(t-1) with the old projection before the transport, as the code orders it;
 the clip applies to o (research 3.1 step 6). Transport as the PyTorch code (decompress with the
-old B, compress with the new); the JAX code differs (research 3.1) and is not offered.
+old B, compress with the new); the JAX code differs (research 3.1) and is not offered. The code
+seeds parameter i with seed + i and advances the seed by a generator chain; here the seed is
+derived from (run seed, tensor name, index), so it does not depend on parameter order or device.
 
 Keys: `rank` (tau; the JAX config's 128, replicate.sh uses 256), `update_gap` (kappa, 1000),
 `beta1` (0.9; Flora's own key, not optim.betas[0]: the betas configure the dense tensors' Adam,
@@ -71,6 +73,8 @@ def rms(x: Tensor) -> Tensor:
 
 @PROJECTORS.register
 class Flora(Projector):
+    """Adafactor with a momentum compressed by seeded Gaussian projections, moved at resamples."""
+
     name = "flora"
     decay_after_update = False  # Adafactor decays the weight before the update
 

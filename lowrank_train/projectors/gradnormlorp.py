@@ -83,6 +83,8 @@ def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @PROJECTORS.register
 class GradNormLoRP(SVDProjector):
+    """Reconstructed: GaLore's Adam on each weight row's direction, a small Adam on its norm."""
+
     name = "gradnormlorp"
 
     @dataclass
