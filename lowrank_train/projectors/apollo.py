@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 @PROJECTORS.register
 class Apollo(LowRankAdam):
-    """Channel-wise APOLLO at rank r."""
+    """The raw gradient rescaled per channel by Adam's norm ratio on a random rank-r projection."""
 
     name = "apollo"
 
@@ -107,7 +107,7 @@ class Apollo(LowRankAdam):
 
 @PROJECTORS.register
 class ApolloMini(Apollo):
-    """Tensor-wise APOLLO at rank 1: one scale per matrix."""
+    """APOLLO at rank 1 with one scale per tensor (the norm ratio of Adam on a random vector)."""
 
     name = "apollo_mini"
 

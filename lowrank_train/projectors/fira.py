@@ -62,6 +62,8 @@ def check_gamma(gamma: float) -> None:
 
 @PROJECTORS.register
 class Fira(SVDProjector):
+    """GaLore plus the full-rank residual, scaled per channel by Adam's norm ratio, limited."""
+
     name = "fira"
 
     @dataclass
