@@ -176,3 +176,27 @@ def test_fast_refresh_captures_the_exact_energy():
 def test_galore_defaults_are_the_official_ones():
     cfg = PROJECTORS.get("galore").Config()
     assert (cfg.rank, cfg.update_gap, cfg.scale, cfg.moments_at_refresh) == (128, 200, 0.25, "keep")
+
+
+def test_a_batched_refresh_gives_each_tensor_what_it_gets_alone():
+    """SVD projectors refresh all tensors of a shape in one batched finder call; each matrix
+    must get its own result (its own random draws), cold and warm, exact and fast."""
+    from lowrank_train.projectors.subspace import side_of
+
+    for svd in ("exact", "fast"):
+        galore = GaLore(GaLore.Config(rank=4, svd=svd), seed=3)
+        grads = [g for g in gradients((40, 24), 3)] + [
+            g.T.contiguous() for g in gradients((40, 24), 2, seed=1)
+        ]
+        states = [
+            {"side": side_of(tuple(g.shape)), "name": f"t{i}", "refreshes": 0}
+            for i, g in enumerate(grads)
+        ]
+        alone = [dict(s) for s in states]
+        for _ in range(2):  # cold, then warm from the first bases
+            galore.refresh_many(list(zip(grads, states, strict=True)))
+            for g, s in zip(grads, alone, strict=True):
+                galore.refresh(g, s)
+            for s, a in zip(states, alone, strict=True):
+                torch.testing.assert_close(s["basis"], a["basis"], rtol=1e-9, atol=1e-12)
+                assert s["refreshes"] == a["refreshes"]

@@ -29,6 +29,7 @@ from lowrank_train.projectors.base import Projector
 log = logging.getLogger(__name__)
 
 STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+FINDER_ERRORS = (torch.linalg.LinAlgError, FloatingPointError, RuntimeError)
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -68,7 +69,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102
         if closure is not None:
             raise ValueError("ProjectedOptimizer.step takes no closure")
-        refreshed, started = 0, None
+        live, due = [], []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"], strict=True):
                 if p.grad is None:
@@ -78,41 +79,49 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     state.update(self.projector.init_state(p, name))
                     state["step"] = 0
                 state["step"] += 1
-                step = state["step"]
-                if self.projector.needs_refresh(state, step):
-                    started = started or _now(p.device)
-                    refreshed += self._refresh(p.grad, name, state, step)
-                if any(key not in state for key in self.projector.shared_keys):
-                    continue  # no basis yet (the first refresh failed): nothing to step with
-                self.projector.update_(p, p.grad, state, step, group)
-        if refreshed:
+                live.append((p, state, group))
+                if self.projector.needs_refresh(state, state["step"]):
+                    due.append((self.projector.refresh_input(p, p.grad), name, state))
+        if due:
+            self._refresh(due, live[0][1]["step"], live[0][0].device)
+        for p, state, group in live:
+            if any(key not in state for key in self.projector.shared_keys):
+                continue  # no basis yet (the first refresh failed): nothing to step with
+            self.projector.update_(p, p.grad, state, state["step"], group)
+
+    def _refresh(self, due: list[tuple[torch.Tensor, str, dict]], step: int, device) -> None:
+        """Refresh every due tensor, batched where the projector can. A non-finite gradient or
+        a failing basis finder keeps that tensor's old basis and logs a kept-old-basis event."""
+        started = _now(device)
+        finite = torch.stack([torch.isfinite(g).all() for g, _, _ in due]).tolist()  # one sync
+        good = [item for item, ok in zip(due, finite, strict=True) if ok]
+        for (_, name, _), ok in zip(due, finite, strict=True):
+            if not ok:
+                self._kept(step, name, "non-finite gradient")
+        try:
+            self.projector.refresh_many([(g, s) for g, _, s in good])
+            done = good
+        except FINDER_ERRORS:  # one bad matrix spoils a batch: find it, keep the others
+            done = []
+            for grad, name, state in good:
+                try:
+                    self.projector.refresh(grad, state)
+                    done.append((grad, name, state))
+                except FINDER_ERRORS as e:
+                    self._kept(step, name, f"basis finder failed: {str(e).splitlines()[0]}")
+        for _, _, state in done:
+            _broadcast(state, self.projector.shared_keys)
+        if done:
+            seconds = round(_now(device) - started, 4)
             self.events.append(
-                {
-                    "event": "refresh",
-                    "step": step,
-                    "tensors": refreshed,
-                    "seconds": round(_now(p.device) - started, 4),
-                }
+                {"event": "refresh", "step": step, "tensors": len(done), "seconds": seconds}
             )
 
-    def _refresh(self, grad: torch.Tensor, name: str, state: dict, step: int) -> int:
-        """1 when the projector refreshed; 0 (and a kept-old-basis event) when it could not."""
-        reason = None
-        if not torch.isfinite(grad).all():  # a host sync, at refresh steps only
-            reason = "non-finite gradient"
-        else:
-            try:
-                self.projector.refresh(grad, state)
-            except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
-                reason = f"basis finder failed: {str(e).splitlines()[0]}"
-        if reason is None:
-            _broadcast(state, self.projector.shared_keys)
-            return 1
+    def _kept(self, step: int, name: str, reason: str) -> None:
         self.events.append(
             {"event": "kept_old_basis", "step": step, "tensor": name, "reason": reason}
         )
         log.warning("step %d: %s kept its old basis (%s)", step, name, reason)
-        return 0
 
     def pop_events(self) -> list[dict]:
         events, self.events = self.events, []

@@ -79,6 +79,15 @@ class Projector:
         """A new basis from the gradient (or a seed); keeps, resets or rotates the moments."""
         raise NotImplementedError
 
+    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
+        """Refresh several (gradient, state) pairs, all or none: raise before changing any."""
+        for grad, state in items:
+            self.refresh(grad, state)
+
+    def refresh_input(self, param: Tensor, grad: Tensor) -> Tensor:
+        """The matrix `refresh` reads: the gradient (GradNormLoRP: its direction's gradient)."""
+        return grad
+
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """The full-shape update direction before lr; `param` is the (dequantized) weight."""
         raise NotImplementedError
@@ -181,10 +190,25 @@ class LowRankAdam(Projector):
         raise NotImplementedError
 
     def refresh(self, grad: Tensor, state: State) -> None:
-        old = state.get("basis")
-        basis = self.new_basis(grad, state).to(grad.dtype)
+        basis = self.new_basis(grad, state)
         if not torch.isfinite(basis).all():  # one host sync, at refreshes only
             raise FloatingPointError("the basis finder returned non-finite values")
+        self.install(basis, state, grad.dtype)
+
+    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
+        """Refresh several tensors; all or none (raises before installing any basis). One at a
+        time here; SVD projectors batch the tensors of one shape."""
+        bases = [self.new_basis(grad, state) for grad, state in items]
+        if bases and not torch.isfinite(torch.stack([b.abs().sum() for b in bases])).all():
+            raise FloatingPointError("the basis finder returned non-finite values")
+        for (grad, state), basis in zip(items, bases, strict=True):
+            self.install(basis, state, grad.dtype)
+
+    def install(self, basis: Tensor, state: State, dtype: torch.dtype) -> None:
+        """Store a new (finite) basis in the parameter's dtype, carrying the moments as
+        `moments_at_refresh` says."""
+        basis = basis.to(dtype)
+        old = state.get("basis")
         if old is not None and "exp_avg" in state:
             self.carry_moments(state, old, basis)
         state["basis"] = basis

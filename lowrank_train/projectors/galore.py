@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
 from lowrank_train.projectors.base import PROJECTORS, LowRankAdam, State, SVDOptions
 from lowrank_train.projectors.subspace import svd_basis
 from lowrank_train.seeding import generator
+
+BATCH_BYTES = 2**28  # fp32 input of one batched finder call (256 MiB; temporaries ~3x that)
 
 
 class SVDProjector(LowRankAdam):
@@ -28,6 +31,31 @@ class SVDProjector(LowRankAdam):
         gen = generator(self.seed, state["name"], "refresh", state["refreshes"])
         previous = self.previous_basis(state)
         return svd_basis(grad, state["side"], self.options.rank, self.options.svd, previous, gen)
+
+    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
+        """All tensors of one shape (and warm or cold) in batched finder calls, in chunks of at
+        most BATCH_BYTES of fp32 input: a QR, eigh or SVD of a small matrix is latency-bound on
+        a GPU, so b of them cost little more than one. Each matrix gets what it would get alone."""
+        if type(self).new_basis is not SVDProjector.new_basis:  # another finder: one at a time
+            return super().refresh_many(items)
+        groups: dict[tuple, list[tuple[Tensor, State]]] = {}
+        for grad, state in items:
+            key = (tuple(grad.shape), grad.dtype, state["side"], self.previous_basis(state) is None)
+            groups.setdefault(key, []).append((grad, state))
+        found = []
+        for (shape, _, side, cold), group in groups.items():
+            chunk = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
+            for start in range(0, len(group), chunk):
+                part = group[start : start + chunk]
+                previous = None if cold else torch.stack([self.previous_basis(s) for _, s in part])
+                gens = [generator(self.seed, s["name"], "refresh", s["refreshes"]) for _, s in part]
+                grads = torch.stack([g for g, _ in part])
+                bases = svd_basis(grads, side, self.options.rank, self.options.svd, previous, gens)
+                found += list(zip(part, [b.clone() for b in bases.unbind(0)], strict=True))
+        if not torch.isfinite(torch.stack([b.abs().sum() for _, b in found])).all():
+            raise FloatingPointError("the basis finder returned non-finite values")
+        for (grad, state), basis in found:  # nothing installed before every basis is known
+            self.install(basis, state, grad.dtype)
 
     def previous_basis(self, state: State) -> Tensor | None:
         """The warm start of the fast finder (None before the first refresh)."""

@@ -62,6 +62,8 @@ def dequantize_basis(codes: Tensor, scales: Tensor, shape: tuple[int, int], dtyp
 
 @PROJECTORS.register
 class QGaLore(SVDProjector):
+    """GaLore with an INT4 basis and a refresh gap that grows while the top direction holds."""
+
     name = "qgalore"
     shared_keys = ("basis_codes", "basis_scales", "leading", "queue")
 
@@ -107,11 +109,10 @@ class QGaLore(SVDProjector):
     def previous_basis(self, state: State) -> Tensor | None:
         return self.basis(state, torch.float32) if "basis_codes" in state else None
 
-    def refresh(self, grad: Tensor, state: State) -> None:
+    def install(self, new: Tensor, state: State, dtype: torch.dtype) -> None:
+        """Quantize the (finite) new basis to INT4 and update the lazy gap from its leading
+        vector; the moments carried against the dequantized bases."""
         old = self.previous_basis(state)
-        new = self.new_basis(grad, state)
-        if not torch.isfinite(new).all():  # one host sync, at refreshes only
-            raise FloatingPointError("the basis finder returned non-finite values")
         leading = new[:, 0].float()
         if "leading" in state:
             self.update_gap(

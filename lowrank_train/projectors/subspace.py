@@ -27,60 +27,76 @@ def side_of(shape: tuple[int, int]) -> str:
 
 
 def oriented(grad: Tensor, side: str) -> Tensor:
-    """A (d x D): the matrix whose left singular vectors are the basis, in fp32 (float64 stays
-    float64: the tests' references)."""
+    """A (..., d, D): the matrix whose left singular vectors are the basis, in fp32 (float64
+    stays float64: the tests' references). Leading dimensions batch same-shape tensors."""
     a = grad if grad.dtype == torch.float64 else grad.float()
-    return a if side == "left" else a.T
+    return a if side == "left" else a.mT
 
 
 def exact_basis(a: Tensor, rank: int) -> Tensor:
     """Top-r left singular vectors of A by a full thin SVD (GaLore's official finder)."""
     u, _, _ = torch.linalg.svd(a, full_matrices=False)
-    return u[:, :rank].contiguous()
+    return u[..., :rank].contiguous()
 
 
 def _rayleigh_ritz(a: Tensor, q: Tensor, rank: int) -> Tensor:
-    """Best rank-r basis inside span(Q): Q U_B[:, :r] with U_B from the SVD of the small Q^T A."""
-    u_b, _, _ = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ u_b[:, :rank]).contiguous()
+    """Best rank-r basis inside span(Q): Q times the top-r eigenvectors of the small Gram
+    (Q^T A)(Q^T A)^T (the left singular vectors of Q^T A; an eigh of a w x w matrix is far
+    cheaper on a GPU than an SVD of the w x D one)."""
+    small = q.mT @ a
+    _, vectors = torch.linalg.eigh(small @ small.mT)  # ascending
+    return (q @ vectors[..., -rank:].flip(-1)).contiguous()
 
 
-def randomized_basis(a: Tensor, rank: int, gen: torch.Generator) -> Tensor:
+def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> Tensor:
+    """One (rows, cols) N(0, 1) draw per generator (on the CPU: device-independent), stacked
+    to like's batch shape."""
+    draws = [torch.randn(rows, cols, generator=g) for g in gens]
+    out = torch.stack(draws) if like.ndim == 3 else draws[0]
+    return out.to(like.device, like.dtype)
+
+
+def randomized_basis(a: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
     """Halko-Martinsson-Tropp range finder: Y = (A A^T)^q A Omega with a QR after every product."""
-    d, big = a.shape
-    width = min(d, rank + OVERSAMPLE)
-    omega = torch.randn(big, width, generator=gen).to(a.device, a.dtype)
-    q, _ = torch.linalg.qr(a @ omega)
+    d, big = a.shape[-2:]
+    q, _ = torch.linalg.qr(a @ _draws(gens, big, min(d, rank + OVERSAMPLE), a))
     for _ in range(POWER_ITERATIONS):
-        q, _ = torch.linalg.qr(a @ (a.T @ q))
+        q, _ = torch.linalg.qr(a @ (a.mT @ q))
     return _rayleigh_ritz(a, q, rank)
 
 
-def warm_basis(a: Tensor, previous: Tensor, rank: int, gen: torch.Generator) -> Tensor:
+def warm_basis(a: Tensor, previous: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
     """Subspace iteration started from the previous basis (plus a few random columns, so a
     direction that entered the top r since the last refresh is found), then Rayleigh-Ritz."""
-    d = a.shape[0]
+    d = a.shape[-2]
     extra = min(OVERSAMPLE, d - rank)
     start = previous.to(a.dtype)
     if extra > 0:
-        noise = torch.randn(d, extra, generator=gen).to(a.device, a.dtype)
-        start = torch.cat([start, noise], dim=1)
+        start = torch.cat([start, _draws(gens, d, extra, a)], dim=-1)
     q, _ = torch.linalg.qr(start)
     for _ in range(WARM_ITERATIONS):
-        q, _ = torch.linalg.qr(a @ (a.T @ q))
+        q, _ = torch.linalg.qr(a @ (a.mT @ q))
     return _rayleigh_ritz(a, q, rank)
 
 
 def svd_basis(
-    grad: Tensor, side: str, rank: int, method: str, previous: Tensor | None, gen: torch.Generator
+    grad: Tensor,
+    side: str,
+    rank: int,
+    method: str,
+    previous: Tensor | None,
+    gen: torch.Generator | list[torch.Generator],
 ) -> Tensor:
-    """The (d, r) basis of `grad` by `method` (exact | fast); fast warm-starts from `previous`."""
+    """The (d, r) basis of `grad` by `method` (exact | fast); fast warm-starts from `previous`.
+    Batched: grad (b, m, n), previous (b, d, r), one generator per matrix; each matrix gets
+    what it would get alone (its own draws)."""
+    gens = gen if isinstance(gen, list) else [gen]
     a = oriented(grad, side)
-    if method == "exact" or rank + OVERSAMPLE >= a.shape[0]:  # near full rank: exact is cheaper
+    if method == "exact" or rank + OVERSAMPLE >= a.shape[-2]:  # near full rank: exact is cheaper
         return exact_basis(a, rank)
     if previous is None:
-        return randomized_basis(a, rank, gen)
-    return warm_basis(a, previous, rank, gen)
+        return randomized_basis(a, rank, gens)
+    return warm_basis(a, previous, rank, gens)
 
 
 def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) -> Tensor:
@@ -94,4 +110,4 @@ def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) 
 def captured_energy(grad: Tensor, basis: Tensor, side: str) -> float:
     """||B^T A||_F^2 / ||A||_F^2: the share of the gradient's energy a basis keeps."""
     a = oriented(grad, side)
-    return float((basis.float().T @ a).square().sum() / a.square().sum())
+    return float((basis.to(a.dtype).mT @ a).square().sum() / a.square().sum())
