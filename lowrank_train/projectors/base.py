@@ -16,7 +16,7 @@ from torch.nn import Parameter
 
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
-from lowrank_train.kernels import reference
+from lowrank_train.kernels import ops as kernels
 from lowrank_train.projectors.subspace import side_of
 from lowrank_train.registry import Registry
 
@@ -258,14 +258,14 @@ class LowRankAdam(Projector):
 
     def read_moment(self, state: State, key: str) -> Tensor:
         if key + "_absmax" in state:
-            return reference.dequantize_dynamic(
+            return kernels.dequantize_dynamic(
                 state[key], state[key + "_absmax"], signed=key == "exp_avg", block_size=QUANT_BLOCK
             )
         return state[key].float()
 
     def write_moment(self, state: State, key: str, value: Tensor) -> None:
         if key + "_absmax" in state:
-            codes, absmax = reference.quantize_dynamic(
+            codes, absmax = kernels.quantize_dynamic(
                 value, signed=key == "exp_avg", block_size=QUANT_BLOCK
             )
             state[key].copy_(codes)
@@ -319,7 +319,7 @@ class LowRankAdam(Projector):
             self.init_moments(state, low_grad.shape, low_grad.device, hp["state_dtype"])
         beta1, beta2 = hp["betas"]
         quantized = "exp_avg_absmax" in state
-        low_update = reference.adam_update(
+        low_update = kernels.adam_update(
             low_grad,
             state["exp_avg"],
             state["exp_avg_sq"],
