@@ -148,6 +148,35 @@ def moment_bytes(numel: int, state_dtype: str) -> int:
     return numel * MOMENT_DTYPES[state_dtype].itemsize
 
 
+def read_moment(state: State, key: str) -> Tensor:
+    """A moment as fp32, whatever `optim.state_dtype` stores it as (8-bit: the dynamic map,
+    signed for the first moment `exp_avg`, unsigned for the others)."""
+    if key + "_absmax" in state:
+        return kernels.dequantize_dynamic(
+            state[key], state[key + "_absmax"], signed=key == "exp_avg", block_size=QUANT_BLOCK
+        )
+    return state[key].float()
+
+
+def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None = None) -> None:
+    """Store an fp32 moment: in place into an existing slot (its own format), or as a new one in
+    `state_dtype` (int8: codes plus a block absmax, `<key>_absmax`)."""
+    quantized = key + "_absmax" in state if key in state else state_dtype == "int8"
+    if quantized:
+        codes, absmax = kernels.quantize_dynamic(
+            value, signed=key == "exp_avg", block_size=QUANT_BLOCK
+        )
+        if key in state:
+            state[key].copy_(codes)
+            state[key + "_absmax"].copy_(absmax)
+        else:
+            state[key], state[key + "_absmax"] = codes, absmax
+    elif key in state:
+        state[key].copy_(value)
+    else:
+        state[key] = value.to(MOMENT_DTYPES[state_dtype])
+
+
 def limit_norm_growth(update: Tensor, state: State, gamma: float) -> Tensor:
     """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||.
 
@@ -232,46 +261,18 @@ class LowRankAdam(Projector):
             return
         transfer = old.float().T @ new.float()  # (r, r)
         for key, t in (("exp_avg", transfer), ("exp_avg_sq", transfer.square())):
-            value = self.read_moment(state, key)
+            value = read_moment(state, key)
             value = value @ t if state["side"] == "right" else t.T @ value
             if key == "exp_avg_sq":
                 value = value.clamp_(min=0)
-            self.write_moment(state, key, value)
+            write_moment(state, key, value)
 
     # -- moments in optim.state_dtype --------------------------------------------------------
 
     def init_moments(self, state: State, shape: torch.Size, device, state_dtype: str) -> None:
         state["moment_step"] = 0
-        if state_dtype == "int8":
-            blocks = -(-shape.numel() // QUANT_BLOCK)
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.uint8, device=device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.uint8, device=device)
-            state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
-            state["exp_avg_sq_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
-            # code 0 of the maps is their lowest value, not 0.0: write true zeros once
-            self.write_moment(state, "exp_avg", torch.zeros(shape, device=device))
-            self.write_moment(state, "exp_avg_sq", torch.zeros(shape, device=device))
-            return
-        dtype = MOMENT_DTYPES[state_dtype]
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=device)
-
-    def read_moment(self, state: State, key: str) -> Tensor:
-        if key + "_absmax" in state:
-            return kernels.dequantize_dynamic(
-                state[key], state[key + "_absmax"], signed=key == "exp_avg", block_size=QUANT_BLOCK
-            )
-        return state[key].float()
-
-    def write_moment(self, state: State, key: str, value: Tensor) -> None:
-        if key + "_absmax" in state:
-            codes, absmax = kernels.quantize_dynamic(
-                value, signed=key == "exp_avg", block_size=QUANT_BLOCK
-            )
-            state[key].copy_(codes)
-            state[key + "_absmax"].copy_(absmax)
-        else:
-            state[key].copy_(value)
+        for key in ("exp_avg", "exp_avg_sq"):
+            write_moment(state, key, torch.zeros(shape, device=device), state_dtype)
 
     # -- the step ----------------------------------------------------------------------------
 

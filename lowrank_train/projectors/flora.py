@@ -49,15 +49,14 @@ from torch.nn import Parameter
 
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
-from lowrank_train.kernels import reference
 from lowrank_train.projectors.base import (
-    MOMENT_DTYPES,
     PROJECTORS,
-    QUANT_BLOCK,
     LowRankOptions,
     Projector,
     State,
     moment_bytes,
+    read_moment,
+    write_moment,
 )
 from lowrank_train.projectors.subspace import gaussian_basis, side_of
 
@@ -142,23 +141,6 @@ class Flora(Projector):
         """down_new(up_old(M)) through the (r, r) product B_old^T B_new (no full-size image)."""
         return low @ (old.T @ new) if side == "right" else (new.T @ old) @ low
 
-    # -- M in optim.state_dtype --------------------------------------------------------------
-
-    def read_momentum(self, state: State, shape, dtype: torch.dtype) -> Tensor:
-        if "exp_avg_absmax" in state:
-            value = reference.dequantize_dynamic(
-                state["exp_avg"], state["exp_avg_absmax"], signed=True, block_size=QUANT_BLOCK
-            )
-            return value.reshape(shape).to(dtype)
-        return state["exp_avg"].to(dtype)
-
-    def write_momentum(self, state: State, value: Tensor, state_dtype: str) -> None:
-        if state_dtype == "int8":
-            codes, absmax = reference.quantize_dynamic(value, signed=True, block_size=QUANT_BLOCK)
-            state["exp_avg"], state["exp_avg_absmax"] = codes.reshape(value.shape), absmax
-        else:
-            state["exp_avg"] = value.to(MOMENT_DTYPES[state_dtype])
-
     # -- the step ----------------------------------------------------------------------------
 
     def step_parts(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict):
@@ -180,7 +162,7 @@ class Flora(Projector):
             m, n = g.shape
             low_shape = (m, o_.rank) if side == "right" else (o_.rank, n)
             momentum = (
-                self.read_momentum(state, low_shape, dtype)
+                read_moment(state, "exp_avg").to(dtype)
                 if "exp_avg" in state
                 else torch.zeros(low_shape, dtype=dtype, device=g.device)
             )
@@ -194,7 +176,7 @@ class Flora(Projector):
                     momentum = self.transport(momentum, basis, new, side)
                 basis = new
             momentum = b1 * momentum + (1 - b1) * self.down(u, basis, side)
-            self.write_momentum(state, momentum, hp["state_dtype"])
+            write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
         else:
             o = u
         o = o / torch.clamp(rms(o) / o_.clip, min=1.0)

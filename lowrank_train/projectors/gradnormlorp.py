@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
-from lowrank_train.kernels import reference
+from lowrank_train.kernels import ops as kernels
 from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions
 from lowrank_train.projectors.galore import SVDProjector
 
@@ -112,7 +112,7 @@ class GradNormLoRP(SVDProjector):
             state["magnitude_exp_avg"] = torch.zeros(g.shape[0], device=g.device)
             state["magnitude_exp_avg_sq"] = torch.zeros(g.shape[0], device=g.device)
         beta1, beta2 = hp["betas"]
-        step_g = reference.adam_update(
+        step_g = kernels.adam_update(
             grad_g.reshape(-1),
             state["magnitude_exp_avg"],
             state["magnitude_exp_avg_sq"],

@@ -38,7 +38,8 @@ from torch.nn import Parameter
 
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
-from lowrank_train.kernels import reference
+from lowrank_train.kernels import ops as kernels
+from lowrank_train.kernels.reference import num_blocks
 from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, moment_bytes
 from lowrank_train.projectors.galore import SVDProjector
 
@@ -51,12 +52,12 @@ def quantize_basis(basis: Tensor) -> tuple[Tensor, Tensor]:
     flat = basis.reshape(-1)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    return reference.quantize_int4(flat, group_size=GROUP)
+    return kernels.quantize_int4(flat, group_size=GROUP)
 
 
 def dequantize_basis(codes: Tensor, scales: Tensor, shape: tuple[int, int], dtype) -> Tensor:
     """The (d, r) basis the codes stand for, in `dtype` (the pad of an odd count dropped)."""
-    flat = reference.dequantize_int4(codes, scales, (codes.numel() * 2,), GROUP, dtype)
+    flat = kernels.dequantize_int4(codes, scales, (codes.numel() * 2,), GROUP, dtype)
     return flat[: shape[0] * shape[1]].view(shape)
 
 
@@ -150,5 +151,5 @@ class QGaLore(SVDProjector):
         r = self.options.rank
         d, big = sorted(shape)
         padded = d * r + (d * r) % 2
-        basis = padded // 2 + 4 * reference.num_blocks(padded, GROUP)
+        basis = padded // 2 + 4 * num_blocks(padded, GROUP)
         return 2 * moment_bytes(big * r, state_dtype) + basis + 4 * d + 4 * self.options.queue_size
