@@ -14,18 +14,11 @@ Tolerance table (why each entry is what it is):
 tests/gpu/ holds the GPU rows (fused multiply-adds move boundary values by one code; bf16 dots).
 """
 
+import math  # noqa: E402
 import os
 
-import torch
-
-if (
-    not torch.cuda.is_available()
-):  # Triton reads this when @triton.jit runs (conftest should own it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import math  # noqa: E402
-
 import pytest  # noqa: E402
+import torch
 
 from lowrank_train.kernels import fused_adam, matmul, quant, rounding  # noqa: E402
 from lowrank_train.kernels import reference as R  # noqa: E402

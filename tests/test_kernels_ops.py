@@ -3,18 +3,11 @@ the reference path), dispatch by LOWRANK_KERNELS, the dequant-matmul autograd, t
 torch.compile without a graph break, and an import without side effects."""
 
 import os
-
-import torch
-
-if (
-    not torch.cuda.is_available()
-):  # Triton reads this when @triton.jit runs (conftest should own it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+import torch
 from torch.library import opcheck  # noqa: E402
 
 from lowrank_train.kernels import ops  # noqa: E402

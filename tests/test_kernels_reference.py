@@ -1,18 +1,10 @@
 """The pure-PyTorch references of lowrank_train.kernels: exact codes, round-trip bounds, the
 dynamic map's small values, Adam against float64, stochastic rounding's mean."""
 
-import os
-
-import torch
-
-if (
-    not torch.cuda.is_available()
-):  # Triton reads this when @triton.jit runs (conftest should own it)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math  # noqa: E402
 
 import pytest  # noqa: E402
+import torch
 
 from lowrank_train.kernels import reference as R  # noqa: E402
 
