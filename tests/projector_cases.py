@@ -4,6 +4,9 @@ the paper's equations (written inside the test)."""
 
 from __future__ import annotations
 
+import json
+
+import safetensors.torch
 import torch
 
 from lowrank_train.optim.projected import ProjectedOptimizer
@@ -59,3 +62,49 @@ def run_projector(
         opt.step()
         history.append(w.detach().clone())
     return history, opt
+
+
+# -- the tiny model through the CLI ---------------------------------------------------------------
+
+
+def cli(path, *args: str) -> int:
+    from lowrank_train.cli import main
+
+    return main(["train", str(path), "--samples", "0", *args])
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def refresh_steps(run_dir) -> list[int]:
+    return sorted({e["step"] for e in metrics(run_dir) if e.get("event") == "refresh"})
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    from lowrank_train.checkpoint import MODEL_FILE, find_latest
+
+    path, _ = find_latest(run_dir / "checkpoints")
+    return safetensors.torch.load_file(str(path / MODEL_FILE))
+
+
+def assert_resume_is_bitwise(tiny_run, extra: dict, stop_at: int, refreshes=None):
+    """A run straight through and one stopped at `stop_at` then resumed (`--resume latest`)
+    log the same losses (and refreshes, where given) and end with the same weights, bitwise.
+    `extra` must save a checkpoint at `stop_at`. Returns the two run directories."""
+    straight, split = tiny_run("straight", extra), tiny_run("split", extra)
+    assert cli(straight) == 0
+    assert cli(split, f"train.stop_at={stop_at}") == 0
+    assert cli(split, "--resume", "latest") == 0
+    runs = straight.parent / "runs"
+    a_dir, b_dir = runs / "straight", runs / "split"
+    assert train_losses(b_dir) == train_losses(a_dir)
+    if refreshes is not None:
+        assert refresh_steps(a_dir) == refresh_steps(b_dir) == refreshes
+    a, b = final_weights(a_dir), final_weights(b_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a_dir, b_dir

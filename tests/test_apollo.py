@@ -10,11 +10,15 @@ import json
 import math
 
 import pytest
-import safetensors.torch
 import torch
-from projector_cases import gradients, run_projector
+from projector_cases import (
+    assert_resume_is_bitwise,
+    cli,
+    gradients,
+    run_projector,
+    train_losses,
+)
 
-from lowrank_train.checkpoint import MODEL_FILE, find_latest
 from lowrank_train.cli import main
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.projectors import PROJECTORS
@@ -206,20 +210,6 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys, argv, key):
 # -- through the loop, on the tiny model ---------------------------------------------------------
 
 
-def cli(path, *args: str) -> int:
-    return main(["train", str(path), "--samples", "0", *args])
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
-
-
-def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    path, _ = find_latest(run_dir / "checkpoints")
-    return safetensors.torch.load_file(str(path / MODEL_FILE))
-
-
 @pytest.mark.parametrize("method", ["apollo", "apollo_mini"])
 def test_it_trains_on_real_text(tiny_run, method):
     rank = {"apollo": 8, "apollo_mini": 1}[method]
@@ -247,12 +237,4 @@ def test_apollo_resumes_bitwise_through_a_resample(tiny_run):
         "optim": {"projector": {"name": "apollo", "rank": 8, "update_gap": 4}},
         "checkpoint": {"every": 4},
     }
-    straight = tiny_run("straight", extra)
-    assert cli(straight) == 0
-    split = tiny_run("split", extra)
-    assert cli(split, "train.stop_at=4") == 0
-    assert cli(split, "--resume", "latest") == 0
-    runs = straight.parent / "runs"
-    assert train_losses(runs / "split") == train_losses(runs / "straight")
-    a, b = final_weights(runs / "straight"), final_weights(runs / "split")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(tiny_run, extra, stop_at=4)

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import yaml
-from projector_cases import gradients, run_projector
+from projector_cases import assert_resume_is_bitwise, cli, gradients, run_projector
 
-from lowrank_train.checkpoint import MODEL_FILE, find_latest
-from lowrank_train.cli import main
 from lowrank_train.errors import ConfigError
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.flora import Flora
@@ -252,14 +248,6 @@ def test_flora_refuses_keys_that_do_not_apply_in_one_line(tmp_path, override, ex
 FLORA = {"optim": {"projector": {"name": "flora", "rank": 8, "update_gap": 3}}}
 
 
-def run(path: Path, *args: str) -> int:
-    return main(["train", str(path), "--samples", "0", *args])
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_flora_trains_the_tiny_model(tiny_run):
     path = tiny_run(
         "flora_trains",
@@ -269,7 +257,7 @@ def test_flora_trains_the_tiny_model(tiny_run):
             "logging": {"every": 10},
         },
     )
-    assert run(path) == 0
+    assert cli(path) == 0
     summary = json.loads((path.parent / "runs" / "flora_trains" / "summary.json").read_text())
     assert summary["final_val_loss"] < math.log(512) - 1.0, summary  # from ln(vocab) = 6.24
 
@@ -278,17 +266,4 @@ def test_resume_through_resamples_is_bitwise(tiny_run):
     """Stopped at step 5 and resumed: the resamples at steps 6 and 9 regenerate the projections
     from the restored index, and every weight matches the uninterrupted run."""
     extra = {**FLORA, "train": {"steps": 10}, "checkpoint": {"every": 5}}
-    straight = tiny_run("straight", extra)
-    assert run(straight) == 0
-    split = tiny_run("split", extra)
-    assert run(split, "train.stop_at=5") == 0
-    assert run(split, "--resume", "latest") == 0
-    runs = straight.parent / "runs"
-    for name in ("straight", "split"):
-        resamples = sorted({e["step"] for e in metrics(runs / name) if e.get("event") == "refresh"})
-        assert resamples == [3, 6, 9], (name, resamples)
-    a, b = (
-        safetensors.torch.load_file(str(find_latest(runs / n / "checkpoints")[0] / MODEL_FILE))
-        for n in ("straight", "split")
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(tiny_run, extra, stop_at=5, refreshes=[3, 6, 9])

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import torch
+from projector_cases import assert_resume_is_bitwise
 
 from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
@@ -49,39 +50,33 @@ def test_galore_trains_on_real_text_and_logs_its_refreshes(tiny_run):
     assert all(r["tensors"] == 14 for r in refreshes)  # 7 Linears x 2 layers
 
 
-def _resume_matches(tiny_run, name: str, extra: dict, stop_at: int, steps: int) -> None:
+def _resume_matches(tiny_run, extra: dict, stop_at: int, steps: int):
+    """Bitwise resume (losses, weights) and the same optimizer state, dtypes included."""
     extra = {**extra, "train": {**extra.get("train", {}), "steps": steps}}
-    straight = tiny_run(f"{name}_straight", {**extra, "checkpoint": {"every": stop_at}})
-    split = tiny_run(f"{name}_split", {**extra, "checkpoint": {"every": stop_at}})
-    assert run(straight) == 0
-    assert run(split, f"train.stop_at={stop_at}") == 0
-    assert run(split, "--resume", "latest") == 0
-    runs = straight.parent / "runs"
-    a, b = lines(runs / f"{name}_straight"), lines(runs / f"{name}_split")
-    assert [r["loss"] for r in a if "loss" in r] == [r["loss"] for r in b if "loss" in r]
-    pa, _ = find_latest(runs / f"{name}_straight" / "checkpoints")
-    pb, _ = find_latest(runs / f"{name}_split" / "checkpoints")
-    oa = torch.load(pa / "optimizer.pt", weights_only=True)["galore"]
-    ob = torch.load(pb / "optimizer.pt", weights_only=True)["galore"]
-    for key, state in oa["state"].items():
+    extra["checkpoint"] = {"every": stop_at}
+    dirs = assert_resume_is_bitwise(tiny_run, extra, stop_at)
+    states = []
+    for run_dir in dirs:
+        path, _ = find_latest(run_dir / "checkpoints")
+        states.append(torch.load(path / "optimizer.pt", weights_only=True)["galore"]["state"])
+    oa, ob = states
+    for key, state in oa.items():
         for k, v in state.items():
             if torch.is_tensor(v):
-                assert v.dtype == ob["state"][key][k].dtype and torch.equal(v, ob["state"][key][k])
+                assert v.dtype == ob[key][k].dtype and torch.equal(v, ob[key][k])
             else:
-                assert v == ob["state"][key][k]
+                assert v == ob[key][k]
+    return states[1]
 
 
 def test_resume_is_bitwise_through_a_refresh(tiny_run):
     # stop at 4, resume: steps 6 and 11 refresh after the resume (warm start from the saved basis)
-    _resume_matches(tiny_run, "g32", GALORE, stop_at=4, steps=12)
+    _resume_matches(tiny_run, GALORE, stop_at=4, steps=12)
 
 
 def test_resume_keeps_fp32_state_of_bf16_weights(tiny_run):
-    extra = {**GALORE, "model": {"dtype": "bfloat16"}, "optim": {**GALORE["optim"]}}
-    _resume_matches(tiny_run, "gbf16", extra, stop_at=3, steps=7)
-    runs = tiny_run("x").parent / "runs"
-    path, _ = find_latest(runs / "gbf16_split" / "checkpoints")
-    state = torch.load(path / "optimizer.pt", weights_only=True)["galore"]["state"]
+    extra = {**GALORE, "model": {"dtype": "bfloat16"}}
+    state = _resume_matches(tiny_run, extra, stop_at=3, steps=7)
     first = next(iter(state.values()))
     assert first["exp_avg"].dtype == torch.float32 and first["basis"].dtype == torch.bfloat16
 
@@ -112,6 +107,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from lowrank_train.optim.projected import projected_optimizer
+from projector_cases import assert_resume_is_bitwise
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
-from projector_cases import gradients, run_projector
+from projector_cases import assert_resume_is_bitwise, cli, gradients, run_projector
 
-from lowrank_train.checkpoint import MODEL_FILE, find_latest
-from lowrank_train.cli import main
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.qgalore import QGaLore
 
@@ -201,14 +197,6 @@ LAZY = {
 }
 
 
-def run(path: Path, *args: str) -> int:
-    return main(["train", str(path), "--samples", "0", *args])
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_qgalore_trains_the_tiny_model(tiny_run):
     path = tiny_run(
         "qgalore_trains",
@@ -218,7 +206,7 @@ def test_qgalore_trains_the_tiny_model(tiny_run):
             "optim": {"projector": {"name": "qgalore", "rank": 8, "update_gap": 10}},
         },
     )
-    assert run(path) == 0
+    assert cli(path) == 0
     run_dir = path.parent / "runs" / "qgalore_trains"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_loss"] < math.log(512) - 1.0, summary  # from ln(vocab) = 6.24
@@ -228,17 +216,4 @@ def test_resume_through_a_lazy_refresh_is_bitwise(tiny_run):
     """Stopped at step 6 (gap 4, queue full) and resumed: the refresh at step 9 and every
     weight match the uninterrupted run, so the gap, queue and leading vector were restored."""
     extra = {**LAZY, "train": {"steps": 10}, "checkpoint": {"every": 6}}
-    straight = tiny_run("straight", extra)
-    assert run(straight) == 0
-    split = tiny_run("split", extra)
-    assert run(split, "train.stop_at=6") == 0
-    assert run(split, "--resume", "latest") == 0
-    runs = straight.parent / "runs"
-    for name in ("straight", "split"):
-        refreshes = sorted({e["step"] for e in metrics(runs / name) if e.get("event") == "refresh"})
-        assert refreshes == [1, 2, 3, 5, 9], (name, refreshes)
-    a, b = (
-        safetensors.torch.load_file(str(find_latest(runs / n / "checkpoints")[0] / MODEL_FILE))
-        for n in ("straight", "split")
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(tiny_run, extra, stop_at=6, refreshes=[1, 2, 3, 5, 9])

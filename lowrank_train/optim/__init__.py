@@ -90,26 +90,23 @@ def projectable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 def split_projected(
     groups: list[dict], model: nn.Module, cfg: RunConfig
 ) -> tuple[list[dict], dict | None]:
-    """Moves the projectable tensors out of the matrix groups into one projected group."""
+    """Moves the projectable tensors out of the matrix groups into one projected group (lr
+    train.lr, decay optim.weight_decay); None when no projector is set."""
     if cfg.optim.projector.name == "none":
         return groups, None
     wanted = {id(p) for p in projectable_tensors(model).values()}
-    projected = {"name": "projected", "params": [], "param_names": [], "lr": cfg.train.lr}
-    projected["weight_decay"] = cfg.optim.weight_decay
+    projected = {"name": "projected", "params": [], "param_names": []}
     kept = []
     for g in groups:
-        keep = [
-            (n, p)
-            for n, p in zip(g["param_names"], g["params"], strict=True)
-            if id(p) not in wanted
-        ]
-        for n, p in zip(g["param_names"], g["params"], strict=True):
+        named = list(zip(g["param_names"], g["params"], strict=True))
+        for n, p in named:
             if id(p) in wanted:
                 projected["params"].append(p)
                 projected["param_names"].append(n)
+        keep = [(n, p) for n, p in named if id(p) not in wanted]
         if keep:
             kept.append({**g, "params": [p for _, p in keep], "param_names": [n for n, _ in keep]})
-    return kept, projected
+    return kept, {**projected, "lr": cfg.train.lr, "weight_decay": cfg.optim.weight_decay}
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> MultiOptimizer:
