@@ -107,7 +107,6 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
     from lowrank_train.optim.projected import projected_optimizer
-from projector_cases import assert_resume_is_bitwise
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
