@@ -200,3 +200,14 @@ def test_a_batched_refresh_gives_each_tensor_what_it_gets_alone():
             for s, a in zip(states, alone, strict=True):
                 torch.testing.assert_close(s["basis"], a["basis"], rtol=1e-9, atol=1e-12)
                 assert s["refreshes"] == a["refreshes"]
+
+
+def test_a_rank_above_a_targeted_tensors_smaller_side_is_one_line_naming_it(tiny_run, capsys):
+    from lowrank_train.cli import main
+
+    path = tiny_run("too_wide", {"optim": {"projector": {"name": "galore", "rank": 65}}})
+    assert main(["train", str(path), "--samples", "0"]) == 2  # hidden 64: q_proj is 64 x 64
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "optim.projector.rank: 65 is above the smaller dimension of" in err
+    assert "model.layers.0.self_attn.q_proj.weight (64, 64) (at most 64)" in err
