@@ -64,6 +64,8 @@ class SVDProjector(LowRankAdam):
 
 @PROJECTORS.register
 class GaLore(SVDProjector):
+    """Adam on the gradient projected onto its top-r singular vectors, refreshed every T steps."""
+
     name = "galore"
 
     def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
