@@ -319,7 +319,8 @@ def test_load_config_only_parses_and_imports_no_method_package(tmp_path):
         "'lowrank_train.projectors', 'lowrank_train.optim', 'lowrank_train.models'))]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_method_defaults_come_from_the_method_and_validate_sees_the_users_options(tmp_path, mini):

@@ -171,4 +171,5 @@ def test_after_step_returns_no_events_by_default():
 
 def test_optim_does_not_import_models():
     code = "import sys, lowrank_train.optim; assert 'lowrank_train.models' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -50,7 +50,7 @@ def test_galore_trains_on_real_text_and_logs_its_refreshes(tiny_run):
     assert all(r["tensors"] == 14 for r in refreshes)  # 7 Linears x 2 layers
 
 
-def _resume_matches(tiny_run, extra: dict, stop_at: int, steps: int):
+def _assert_resume_matches(tiny_run, extra: dict, stop_at: int, steps: int):
     """Bitwise resume (losses, weights) and the same optimizer state, dtypes included."""
     extra = {**extra, "train": {**extra.get("train", {}), "steps": steps}}
     extra["checkpoint"] = {"every": stop_at}
@@ -71,12 +71,12 @@ def _resume_matches(tiny_run, extra: dict, stop_at: int, steps: int):
 
 def test_resume_is_bitwise_through_a_refresh(tiny_run):
     # stop at 4, resume: steps 6 and 11 refresh after the resume (warm start from the saved basis)
-    _resume_matches(tiny_run, GALORE, stop_at=4, steps=12)
+    _assert_resume_matches(tiny_run, GALORE, stop_at=4, steps=12)
 
 
 def test_resume_keeps_fp32_state_of_bf16_weights(tiny_run):
     extra = {**GALORE, "model": {"dtype": "bfloat16"}}
-    state = _resume_matches(tiny_run, extra, stop_at=3, steps=7)
+    state = _assert_resume_matches(tiny_run, extra, stop_at=3, steps=7)
     first = next(iter(state.values()))
     assert first["exp_avg"].dtype == torch.float32 and first["basis"].dtype == torch.bfloat16
 
