@@ -153,7 +153,7 @@ def test_tokens_as_float_literal(tmp_path):
         (
             {"train": {"steps": 10}, "weights": {"rnak": 4}},
             [],
-            "weights.rnak: unknown key of dense (it has no keys)",
+            "weights.rnak: unknown key of dense (did you mean rank?)",
         ),
         (
             {"train": {"steps": 10}},
