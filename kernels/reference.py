@@ -502,41 +502,45 @@ def int8_sr_update(
 # --------------------------------------------------------------------------------------------
 
 
+def _times_wt(x: Tensor, w: Tensor) -> Tensor:
+    """x W^T with fp32 math, in x's dtype (the forward of every dequant-matmul reference)."""
+    return (x.to(torch.float32) @ w.T).to(x.dtype)
+
+
+def _times_w(g: Tensor, w: Tensor) -> Tensor:
+    """g W with fp32 math, in g's dtype (their grad_x)."""
+    return (g.to(torch.float32) @ w).to(g.dtype)
+
+
 def int8_matmul(x: Tensor, codes: Tensor, scales: Tensor, group_size: int = 256) -> Tensor:
     """``y = x deq(W)^T`` for x (..., K) and INT8 W (N, K); fp32 math, y in x's dtype."""
-    w = dequantize_int8(codes, scales, group_size)
-    return (x.to(torch.float32) @ w.T).to(x.dtype)
+    return _times_wt(x, dequantize_int8(codes, scales, group_size))
 
 
 def int8_matmul_grad_x(g: Tensor, codes: Tensor, scales: Tensor, group_size: int = 256) -> Tensor:
     """``grad_x = g deq(W)`` for g (..., N) and INT8 W (N, K); fp32 math, in g's dtype."""
-    w = dequantize_int8(codes, scales, group_size)
-    return (g.to(torch.float32) @ w).to(g.dtype)
+    return _times_w(g, dequantize_int8(codes, scales, group_size))
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, shape, group_size: int = 256) -> Tensor:
     """``y = x deq(W)^T`` for INT4 W of ``shape`` (N, K)."""
-    w = dequantize_int4(packed, scales, shape, group_size)
-    return (x.to(torch.float32) @ w.T).to(x.dtype)
+    return _times_wt(x, dequantize_int4(packed, scales, shape, group_size))
 
 
 def int4_matmul_grad_x(
     g: Tensor, packed: Tensor, scales: Tensor, shape, group_size: int = 256
 ) -> Tensor:
     """``grad_x = g deq(W)`` for INT4 W of ``shape`` (N, K)."""
-    w = dequantize_int4(packed, scales, shape, group_size)
-    return (g.to(torch.float32) @ w).to(g.dtype)
+    return _times_w(g, dequantize_int4(packed, scales, shape, group_size))
 
 
 def nf4_matmul(x: Tensor, packed: Tensor, scales: Tensor, shape, group_size: int = 256) -> Tensor:
     """``y = x deq(W)^T`` for NF4 W of ``shape`` (N, K)."""
-    w = dequantize_nf4(packed, scales, shape, group_size)
-    return (x.to(torch.float32) @ w.T).to(x.dtype)
+    return _times_wt(x, dequantize_nf4(packed, scales, shape, group_size))
 
 
 def nf4_matmul_grad_x(
     g: Tensor, packed: Tensor, scales: Tensor, shape, group_size: int = 256
 ) -> Tensor:
     """``grad_x = g deq(W)`` for NF4 W of ``shape`` (N, K)."""
-    w = dequantize_nf4(packed, scales, shape, group_size)
-    return (g.to(torch.float32) @ w).to(g.dtype)
+    return _times_w(g, dequantize_nf4(packed, scales, shape, group_size))

@@ -5,13 +5,15 @@ resume through resamples is bitwise)."""
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
 import yaml
-from projector_cases import assert_resume_is_bitwise, cli, gradients, run_projector
+from projector_cases import (
+    assert_resume_is_bitwise,
+    assert_short_run_learns,
+    gradients,
+    run_projector,
+)
 
 from lowrank_train.errors import ConfigError
 from lowrank_train.projectors import PROJECTORS
@@ -249,17 +251,7 @@ FLORA = {"optim": {"projector": {"name": "flora", "rank": 8, "update_gap": 3}}}
 
 
 def test_flora_trains_the_tiny_model(tiny_run):
-    path = tiny_run(
-        "flora_trains",
-        {
-            **FLORA,
-            "train": {"steps": 30, "batch_size": 8, "warmup_steps": 5, "lr": 1e-2},
-            "logging": {"every": 10},
-        },
-    )
-    assert cli(path) == 0
-    summary = json.loads((path.parent / "runs" / "flora_trains" / "summary.json").read_text())
-    assert summary["final_val_loss"] < math.log(512) - 1.0, summary  # from ln(vocab) = 6.24
+    assert_short_run_learns(tiny_run, "flora_trains", FLORA)
 
 
 def test_resume_through_resamples_is_bitwise(tiny_run):

@@ -6,12 +6,14 @@ trains; a resume through a refresh is bitwise)."""
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
-from projector_cases import assert_resume_is_bitwise, cli, gradients, run_projector
+from projector_cases import (
+    assert_resume_is_bitwise,
+    assert_short_run_learns,
+    gradients,
+    run_projector,
+)
 
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.gradnormlorp import GradNormLoRP, direction_grad, magnitude_grad
@@ -181,17 +183,7 @@ GNL = {"optim": {"projector": {"name": "gradnormlorp", "rank": 8, "update_gap": 
 
 
 def test_gradnormlorp_trains_the_tiny_model(tiny_run):
-    path = tiny_run(
-        "gnl_trains",
-        {
-            **GNL,
-            "train": {"steps": 30, "batch_size": 8, "warmup_steps": 5, "lr": 1e-2},
-            "logging": {"every": 10},
-        },
-    )
-    assert cli(path) == 0
-    summary = json.loads((path.parent / "runs" / "gnl_trains" / "summary.json").read_text())
-    assert summary["final_val_loss"] < math.log(512) - 1.0, summary  # from ln(vocab) = 6.24
+    assert_short_run_learns(tiny_run, "gnl_trains", GNL)
 
 
 def test_resume_through_a_refresh_is_bitwise(tiny_run):
