@@ -134,7 +134,6 @@ class Trainer:
             DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
         )
         self.loss_fn = torch.compile(causal_lm_loss) if cfg.train.compile else causal_lm_loss
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tokens_per_step = (
             cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size * cfg.model.seq_len
         )
@@ -177,7 +176,7 @@ class Trainer:
                 loss = loss / accum
             loss.backward()
             step_loss += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip) if clip else None
+        grad_norm = self.optimizer.clip_grad_norm_(clip) if clip else None
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used, for the log
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

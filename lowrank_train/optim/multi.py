@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -48,6 +49,30 @@ class MultiOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=set_to_none)
+
+    def gradients(self) -> list[torch.Tensor]:
+        """Every gradient this step will consume: the owned tensors' `.grad`, plus what an inner
+        optimizer holds elsewhere (quantized weights' side buffers, via its `gradients()`)."""
+        grads: list[torch.Tensor] = []
+        for opt in self.optimizers.values():
+            if hasattr(opt, "gradients"):
+                grads.extend(opt.gradients())
+            else:
+                grads.extend(
+                    p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None
+                )
+        return grads
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The global L2 norm of `gradients()`, all scaled by min(1, max_norm / (norm + 1e-6))
+        (torch's clip_grad_norm_, over side buffers too); max_norm inf measures only."""
+        grads = self.gradients()
+        norm = torch.nn.utils.get_total_norm(grads)
+        if grads and math.isfinite(max_norm):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return norm
 
     def _name(self, param: torch.Tensor) -> str:
         shape = f"tensor of shape {tuple(param.shape)} ({param.dtype}, {param.device})"
