@@ -101,10 +101,11 @@ def svd_basis(
 
 def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) -> Tensor:
     """A (d, r) projection with entries N(0, 1/r), from (run seed, tensor name, resample index):
-    E[B B^T] = I, identical on every rank and after a resume. Drawn on the CPU, so the matrix
-    does not depend on the device type it is used on."""
-    gen = generator(seed, name, "projection", index)
-    return (torch.randn(d, rank, generator=gen) / rank**0.5).to(device)
+    E[B B^T] = I, identical on every rank and after a resume on the same device type. Drawn on
+    `device` by that device's generator (Flora redraws it every step; a CPU draw and copy cost
+    0.4 s a step at 1B), so a CUDA run and a CPU run of one seed draw different projections."""
+    gen = generator(seed, name, "projection", index, device=device)
+    return torch.randn(d, rank, generator=gen, device=device) / rank**0.5
 
 
 def captured_energy(grad: Tensor, basis: Tensor, side: str) -> float:
