@@ -178,18 +178,23 @@ def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None 
 
 
 def limit_norm_growth(update: Tensor, state: State, gamma: float) -> Tensor:
-    """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||.
+    """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||."""
+    return update / limiter_factor(update.float().norm(), state, gamma).to(update.dtype)
 
-    `state["limiter_norm"]` is the previous limited norm (a 0-d fp32 tensor; absent on the first
-    step, which only records it). Stays on the device: no host sync."""
-    norm = update.float().norm()
+
+def limiter_factor(norm: Tensor, state: State, gamma: float) -> Tensor:
+    """The limiter's divisor for an update of norm ||S_t||: max(||S_t|| / ||S_{t-1}||, gamma) / gamma
+    (1 on the first step, which only records the norm).
+
+    `state["limiter_norm"]` is the previous limited norm (a 0-d fp32 tensor), updated here.
+    Stays on the device: no host sync."""
     previous = state.get("limiter_norm")
-    if previous is not None:
+    if previous is None:
+        factor = torch.ones((), device=norm.device)
+    else:
         factor = torch.clamp(norm / (previous + 1e-8), min=gamma) / gamma
-        update = update / factor.to(update.dtype)
-        norm = norm / factor
-    state["limiter_norm"] = norm
-    return update
+    state["limiter_norm"] = norm / factor
+    return factor
 
 
 class LowRankAdam(Projector):
