@@ -43,6 +43,7 @@ PRESETS: dict[str, Shape] = {
     "llama_350m": Shape(1024, 2736, 16, 24),
     "llama_1b": Shape(2048, 5461, 32, 24),
     "llama_7b": Shape(4096, 11008, 32, 32),
+    "llama_13b": Shape(5120, 13824, 40, 40),
 }
 INIT_STD = 0.02  # LLaMA's initializer_range
 
