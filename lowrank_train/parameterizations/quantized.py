@@ -1,0 +1,128 @@
+"""The quantized-linear mechanism shared by every quantized weight (`int8`, LoQT's NF4/INT4).
+
+    y = x deq(W)^T,   grad_x = g deq(W),   grad_buffer += g^T x   (g = dL/dy)
+
+W (out, in) is stored as codes and group scales in one of the kernels' formats (`fmt`: int8,
+int4, nf4; kernels/reference.py documents each). Forward and grad_x are the kernels'
+dequant-matmuls, which dequantize one tile at a time on the GPU, so no full-precision copy of W
+is held between forward and backward: the backward saves x, the codes and the scales.
+
+An integer tensor cannot carry `.grad`, and a Python callback inside a compiled backward runs
+only when it is traced (DESIGN.md, "Gradients of quantized weights"). So the weight gradient is
+added into a side buffer by a custom op that declares the buffer in `mutates_args`:
+`torch.compile` traces forward and backward without a graph break, micro-batches accumulate
+into the buffer, and its consumer (the optimizer's step) runs outside the compiled graph.
+A frozen weight (LoQT between merges) passes `grad_buffer=None`: no weight gradient at all.
+
+The backward runs only when something upstream needs a gradient; in the models here the input
+of every targeted Linear comes from a trainable norm or projection, so x requires grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lowrank_train.kernels import ops as kernels
+
+FORMATS = ("int8", "int4", "nf4")
+
+
+def _matmul(x: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int) -> Tensor:
+    """x deq(W)^T through the kernels' dispatching op of `fmt`."""
+    if fmt == "int8":
+        return kernels.int8_matmul(x, codes, scales, group_size)
+    if fmt == "int4":
+        return kernels.int4_matmul(x, codes, scales, shape, group_size)
+    if fmt == "nf4":
+        return kernels.nf4_matmul(x, codes, scales, shape, group_size)
+    raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def _matmul_grad_x(
+    g: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int
+) -> Tensor:
+    """g deq(W) through the kernels' dispatching op of `fmt`."""
+    if fmt == "int8":
+        return kernels.int8_matmul_grad_x(g, codes, scales, group_size)
+    if fmt == "int4":
+        return kernels.int4_matmul_grad_x(g, codes, scales, shape, group_size)
+    return kernels.nf4_matmul_grad_x(g, codes, scales, shape, group_size)
+
+
+@torch.library.custom_op("lowrank_train::quantized_linear", mutates_args=())
+def _quantized_linear(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    fmt: str,
+    shape: Sequence[int],
+    group_size: int,
+    grad_buffer: Tensor | None,
+) -> Tensor:
+    # grad_buffer is an input only so that the backward can reach it; the forward reads nothing
+    return _matmul(x, codes, scales, fmt, list(shape), group_size)
+
+
+@_quantized_linear.register_fake
+def _(x, codes, scales, fmt, shape, group_size, grad_buffer):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("lowrank_train::accumulate_weight_grad", mutates_args=("grad_buffer",))
+def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
+    """grad_buffer (out, in) += g^T x over all leading dimensions of g (..., out), x (..., in)."""
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    if g2.dtype == x2.dtype == grad_buffer.dtype:
+        grad_buffer.addmm_(g2.T, x2)  # accumulates in place: no (out, in) temporary
+    else:  # e.g. bf16 activations into an fp32 buffer: the GEMM in the activations' dtype
+        grad_buffer.add_(torch.mm(g2.T, x2.to(g2.dtype)))
+
+
+@_accumulate_weight_grad.register_fake
+def _(grad_buffer, g, x):
+    return None
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, codes, scales, fmt, shape, group_size, grad_buffer = inputs
+    ctx.fmt, ctx.shape, ctx.group_size = fmt, list(shape), group_size
+    ctx.has_buffer = grad_buffer is not None
+    ctx.save_for_backward(x, codes, scales, grad_buffer)
+
+
+def _backward(ctx, g: Tensor):
+    x, codes, scales, grad_buffer = ctx.saved_tensors
+    g = g.contiguous()
+    if ctx.has_buffer:
+        _accumulate_weight_grad(grad_buffer, g, x)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _matmul_grad_x(g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size)
+    return grad_x, None, None, None, None, None, None
+
+
+_quantized_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def quantized_linear(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    fmt: str,
+    shape: Sequence[int],
+    group_size: int,
+    grad_buffer: Tensor | None,
+) -> Tensor:
+    """y = x deq(W)^T for a quantized W of `shape` (out, in); differentiable in x.
+
+    `codes`, `scales`: the kernels' storage of `fmt` (int8: codes (out, in); int4, nf4: packed
+    uint8 of numel/2), groups of `group_size` over the row-major flattened W. The backward gives
+    grad_x = g deq(W) and, when `grad_buffer` ((out, in), fp32 or bf16) is given, adds g^T x
+    into it (micro-batches accumulate; whoever consumes it zeroes it).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return _quantized_linear(x, codes, scales, fmt, list(shape), group_size, grad_buffer)
