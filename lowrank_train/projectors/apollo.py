@@ -36,7 +36,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
@@ -47,7 +46,6 @@ from lowrank_train.projectors.base import (
     LowRankOptions,
     State,
     limit_norm_growth,
-    limiter_factor,
 )
 from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
 from lowrank_train.projectors.subspace import gaussian_basis
@@ -100,20 +98,6 @@ class Apollo(LowRankAdam):
         s = self.scales(low_update, low_grad, grad, state)
         limited = limit_norm_growth(grad * s.to(grad.dtype), state, self.options.gamma)
         return limited * self.options.scale
-
-    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha * up(N, R, G) in one pass over G and W: the limiter reads ||G s|| from the
-        channel norms of G, ||G s||^2 = sum_i s_i^2 ||G_i||^2, so no scaled copy of G is formed
-        (a chain of full-size passes per tensor cost APOLLO a quarter of the step at 1B)."""
-        s = self.scales(low_update, low_grad, grad, state)
-        if s.ndim == 0:
-            norm = s * torch.linalg.vector_norm(grad, dtype=s.dtype)
-        else:
-            dim = 1 if state["side"] == "right" else 0
-            channels = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=s.dtype)
-            norm = (s * channels).square().sum().sqrt()
-        factor = limiter_factor(norm, state, self.options.gamma)
-        param.addcmul_(grad, s * (self.options.scale / factor), value=alpha)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r, the stored d x r projection (the code's choice; the paper would
