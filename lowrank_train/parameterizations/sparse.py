@@ -1,0 +1,84 @@
+"""Sparse storage and the sparse-plus-low-rank matmul that `sltrain` and `lost` build on.
+
+Indices are stored as int32 (4 bytes each; the official SLTrain code keeps int64, 8): every
+flat index of a LLaMA-7B projection fits (4096 * 11008 < 2^31), and `index_add_` and
+`index_select` take int32 directly, so no int64 copy is made.
+
+    y = x W^T,   W = s B A + scatter(I, v)       (B (out, r), A (r, in), v (nnz,), I (nnz,))
+
+`sparse_lowrank_linear` forms W for one layer at a time and never keeps it: the backward saves
+x, A, B, v and I and rebuilds W (as SLTrain's sparse_linear.cpp does), so no (out, in) tensor
+lives between forward and backward. With G = dY^T X summed over tokens:
+
+    dX = dY W,   dB = s G A^T,   dA = s B^T G,   dv = G.flat[I]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INDEX_DTYPE = torch.int32
+
+
+def index_buffer(index: Tensor, bound: int) -> Tensor:
+    """`index` (values in [0, bound)) stored as int32; refuses a bound int32 cannot address."""
+    if bound > torch.iinfo(INDEX_DTYPE).max:
+        raise ValueError(f"{bound} positions do not fit int32 indices")
+    return index.to(INDEX_DTYPE)
+
+
+def sparse_plus_lowrank(
+    A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float
+) -> Tensor:
+    """W = s B A with v added at the row-major flat positions I of the (out, in) matrix."""
+    W = torch.mm(B, A * scale)
+    W.view(-1).index_add_(0, index, values)
+    return W
+
+
+class _SparseLowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float):
+        ctx.scale = scale
+        ctx.save_for_backward(x, A, B, values, index)
+        return x @ sparse_plus_lowrank(A, B, values, index, scale).T
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, A, B, values, index = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_A, need_B, need_v = ctx.needs_input_grad[:4]
+        grad_x = grad_A = grad_B = grad_v = None
+        if need_x:  # W rebuilt here and dropped before G exists: one (out, in) tensor at a time
+            grad_x = g @ sparse_plus_lowrank(A, B, values, index, s)
+        if need_A or need_B or need_v:
+            G = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in)
+            if need_A:
+                grad_A = (B.T @ G) * s
+            if need_B:
+                grad_B = (G @ A.T) * s
+            if need_v:
+                grad_v = G.view(-1).index_select(0, index)
+        return grad_x, grad_A, grad_B, grad_v, None, None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The matmuls' dtype: autocast's where it is on (as F.linear would run), else x's."""
+    device = x.device.type  # meta (the planner's structural pass) has no autocast to ask
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def sparse_lowrank_linear(
+    x: Tensor, A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float
+) -> Tensor:
+    """y = x (s B A + scatter(I, v))^T for x (..., in); differentiable in x, A, B and v.
+
+    Everything runs in one dtype (autocast's, where it is on): the casts happen here, outside
+    the autograd function, so the gradients reach fp32 parameters in fp32 and the backward,
+    which autocast does not cover, sees the forward's dtypes.
+    """
+    dt = compute_dtype(x)
+    return _SparseLowRankLinear.apply(x.to(dt), A.to(dt), B.to(dt), values.to(dt), index, scale)
