@@ -117,7 +117,7 @@ def check_methods(cfg: RunConfig, sources: Sources, run_file: str = CLI) -> None
         fail("optim.name", UnknownName("optimizer", cfg.optim.name, OPTIMIZERS.names()).message)
     weights = PARAMETERIZATIONS.get(cfg.weights.name)(cfg.weights.method)
     projector = PROJECTORS.get(cfg.optim.projector.name)(cfg.optim.projector.method)
-    if cfg.optim.state_dtype != "auto" and projector.name == "none" and not weights.quantized:
+    if cfg.optim.state_dtype != "auto" and projector.name == "none" and not _has_writers(cfg):
         fail(
             "optim.state_dtype",
             f"{cfg.optim.state_dtype} has no effect: no tensor is trained by lowrank-train's own "
@@ -128,6 +128,16 @@ def check_methods(cfg: RunConfig, sources: Sources, run_file: str = CLI) -> None
             method.validate(cfg)
         except ConfigError as e:
             raise ConfigError(_located(str(e), cfg, sources, run_file)) from None
+
+
+def _has_writers(cfg: RunConfig) -> bool:
+    """Whether the run's layers have quantized tensors (writers), from a structural build."""
+    import torch
+
+    from lowrank_train.models import build_model  # lazily: models imports the registries
+    from lowrank_train.optim import writer_tensors
+
+    return bool(writer_tensors(build_model(cfg, 256, torch.device("meta"))))
 
 
 _KEY = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")

@@ -27,14 +27,14 @@ def dense_draw(m: int, n: int, seed: int = 0) -> torch.nn.Linear:
 
 def convert(m: int, n: int, seed: int = 0, **options) -> LowRankLinear:
     return LowRank(LowRank.Config(**options)).convert(
-        dense_draw(m, n), "layer", torch.Generator().manual_seed(seed)
+        dense_draw(m, n), "layer", torch.Generator().manual_seed(seed), torch.float32
     )
 
 
 def test_full_rank_svd_init_reproduces_the_dense_layer():
     dense = dense_draw(24, 40)
     layer = LowRank(LowRank.Config(rank=24, init="svd", scale=0.5)).convert(
-        dense, "layer", torch.Generator()
+        dense, "layer", torch.Generator(), torch.float32
     )
     x = torch.randn(5, 40)
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-6)  # fp32 factors

@@ -2,8 +2,10 @@
 
 Groups: the model's matrices at `train.lr` with weight decay; embeddings and lm_head at
 `train.lr_other` with weight decay (marked `embedding`: 32-bit state under adamw8bit); norms
-and biases without decay (norms at lr_other). Projected and quantized tensors join here when
-their methods land; the loop never sees the routing.
+and biases without decay (norms at lr_other). Projectable tensors go to the projector's
+ProjectedOptimizer; quantized tensors (the layers' writers) always go to lowrank-train's own Adam,
+a ProjectedOptimizer with the run's projector or, without one, the identity map (`FullAdam`),
+whatever `optim.name` says (it governs the dense tensors). The loop never sees the routing.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from lowrank_train.config import RunConfig
 from lowrank_train.modules import is_norm
 from lowrank_train.optim.base import OPTIMIZERS
 from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.optim.per_layer import PerLayerOptimizer, check_per_layer
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.parameterizations.base import Writer
 from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.base import FullAdam
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,16 @@ def projectable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def writer_tensors(model: nn.Module) -> dict[str, Writer]:
+    """name -> writer of every quantized tensor of the parameterized layers."""
+    return {
+        w.name: w
+        for module in model.modules()
+        if isinstance(module, ParameterizedLinear)
+        for w in module.writers().values()
+    }
+
+
 def split_projected(
     groups: list[dict], model: nn.Module, cfg: RunConfig
 ) -> tuple[list[dict], dict | None]:
@@ -109,21 +124,42 @@ def split_projected(
     return kept, {**projected, "lr": cfg.train.lr, "weight_decay": cfg.optim.weight_decay}
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> MultiOptimizer:
-    """The run's optimizer; logs what each inner optimizer owns and checks ownership."""
+def build_optimizer(
+    cfg: RunConfig, model: nn.Module, device: torch.device
+) -> MultiOptimizer | PerLayerOptimizer:
+    """The run's optimizer; logs what each inner optimizer owns and checks ownership. With
+    `optim.per_layer`, wrapped to step each tensor inside backward."""
     groups, projected = split_projected(build_groups(model, cfg), model, cfg)
     inner = OPTIMIZERS.get(cfg.optim.name)().build(groups, cfg.optim, device)
-    if projected is not None:
+    writers = writer_tensors(model)
+    own = [projected] if projected is not None else []
+    if writers:
+        own.append(
+            {
+                "name": "quantized",
+                "params": [w.tensor for w in writers.values()],
+                "param_names": list(writers),
+                "lr": cfg.train.lr,
+                "weight_decay": cfg.optim.weight_decay,
+            }
+        )
+    if own:
         proj = cfg.optim.projector
-        projector = PROJECTORS.get(proj.name)(proj.method, seed=cfg.train.seed)
-        inner[proj.name] = ProjectedOptimizer(
-            [projected],
+        projector = (
+            PROJECTORS.get(proj.name)(proj.method, seed=cfg.train.seed)
+            if proj.name != "none"
+            else FullAdam()
+        )
+        inner[projector.name] = ProjectedOptimizer(
+            own,
             projector,
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
             state_dtype=cfg.optim.state_dtype,
+            writers=writers.values(),
         )
-    optimizer = MultiOptimizer(inner, {p: n for n, p in model.named_parameters()})
+    names = {p: n for n, p in model.named_parameters()} | {w.tensor: n for n, w in writers.items()}
+    optimizer = MultiOptimizer(inner, names)
     for name, opt in inner.items():
         params = [p for g in opt.param_groups for p in g["params"]]
         log.info(
@@ -134,17 +170,24 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, device: torch.device) -> M
             ", ".join(f"{g['name']} {len(g['params'])}" for g in opt.param_groups),
         )
     check_ownership(model, optimizer)
+    if cfg.optim.per_layer:
+        check_per_layer(model)
+        return PerLayerOptimizer(optimizer, cfg.train.grad_accum)
     return optimizer
 
 
 def check_ownership(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every trainable tensor is owned by exactly one optimizer group; raises otherwise.
+    """Every trainable tensor (parameters and the writers' quantized tensors) is owned by exactly
+    one optimizer group; raises otherwise.
 
     The peers' silent failure: a parameter no optimizer owns never updates, and nothing says so.
     """
     owned = Counter(id(p) for g in optimizer.param_groups for p in g["params"])
-    names = {id(p): n for n, p in model.named_parameters()}
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and owned[id(p)] == 0]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad} | {
+        n: w.tensor for n, w in writer_tensors(model).items()
+    }
+    names = {id(p): n for n, p in model.named_parameters()} | {id(t): n for n, t in trained.items()}
+    missing = [n for n, t in trained.items() if owned[id(t)] == 0]
     twice = [names.get(i, "?") for i, c in owned.items() if c > 1]
     foreign = [i for i in owned if i not in names]
     if missing or twice or foreign:

@@ -9,6 +9,12 @@ Per tensor W with gradient G at step t (1-based, counted per tensor):
 Everything a projector remembers is in `self.state[p]` as tensors and plain values, so
 `state_dict()` is the checkpoint; loading keeps every state tensor's saved dtype.
 
+A quantized tensor (a layer's `Writer`; its stored tensor sits in the groups and keys the
+state) is stepped through its writer: the side buffer `writer.grad` is G, the dequantized
+`writer.weight()` is W, and `writer.write(direction(W, G, ...), lr, wd, t)` applies
+W <- SR(W - lr * (direction + wd * W)). `zero_grad` zeroes the side buffers and `gradients()`
+returns them with the ordinary `.grad`s, so clipping covers them.
+
 `projected_optimizer(...)` builds one for code outside lowrank-train's loop (a hand-written
 loop, or HF `Trainer(optimizers=(opt, sched))`).
 """
@@ -20,10 +26,11 @@ import time
 from collections.abc import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.state import restore_saved_dtypes
+from lowrank_train.parameterizations.base import Writer
 from lowrank_train.projectors.base import Projector
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,8 @@ FINDER_ERRORS = (torch.linalg.LinAlgError, FloatingPointError, RuntimeError)
 
 class ProjectedOptimizer(torch.optim.Optimizer):
     """Steps 2-D tensors by a projector's direction. Groups may carry `param_names` (the tensors'
-    names in the model: seeded projections and events use them)."""
+    names in the model: seeded projections and events use them). `writers` are the quantized
+    tensors among the groups' params (each `writer.tensor` must be in a group)."""
 
     def __init__(
         self,
@@ -46,6 +54,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         state_dtype: str = "auto",
+        writers: Iterable[Writer] = (),
     ):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype {state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
@@ -55,6 +64,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.projector = projector
         self.events: list[dict] = []
+        self.writers: dict[Tensor, Writer] = {w.tensor: w for w in writers}
+        owned = {p for g in self.param_groups for p in g["params"]}
+        if any(t not in owned for t in self.writers):
+            raise ValueError("every writer's tensor must be in one of the groups")
         for g_index, group in enumerate(self.param_groups):
             names = group.setdefault(
                 "param_names", [f"group{g_index}.{i}" for i in range(len(group["params"]))]
@@ -69,25 +82,66 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102
         if closure is not None:
             raise ValueError("ProjectedOptimizer.step takes no closure")
+        self.step_tensors(p for g in self.param_groups for p in g["params"])
+
+    @torch.no_grad()
+    def step_tensors(self, tensors: Iterable[Tensor]) -> None:
+        """One step of just `tensors` (some of this optimizer's, e.g. one decoder layer's from
+        a per-layer hook); the others keep their state and counters. An ordinary tensor without
+        `.grad` is skipped; a writer's tensor always steps (its side buffer is its gradient).
+        Refreshes due among them are batched, as in `step`."""
+        wanted = {id(t) for t in tensors}
         live, due = [], []
         for group in self.param_groups:
             for p, name in zip(group["params"], group["param_names"], strict=True):
-                if p.grad is None:
+                writer = self.writers.get(p)
+                grad = writer.grad if writer is not None else p.grad
+                if id(p) not in wanted or grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(self.projector.init_state(p, name))
+                    state.update(self.projector.init_state(self._weight(p), name))
                     state["step"] = 0
                 state["step"] += 1
-                live.append((p, state, group))
+                live.append((p, grad, state, group))
                 if self.projector.needs_refresh(state, state["step"]):
-                    due.append((self.projector.refresh_input(p, p.grad), name, state))
+                    due.append((self.projector.refresh_input(self._weight(p), grad), name, state))
         if due:
-            self._refresh(due, live[0][1]["step"], live[0][0].device)
-        for p, state, group in live:
+            self._refresh(due, live[0][2]["step"], live[0][0].device)
+        for p, grad, state, group in live:
             if any(key not in state for key in self.projector.shared_keys):
                 continue  # no basis yet (the first refresh failed): nothing to step with
-            self.projector.update_(p, p.grad, state, state["step"], group)
+            writer = self.writers.get(p)
+            if writer is None:
+                self.projector.update_(p, grad, state, state["step"], group)
+            else:  # one dequantized W at a time, written back with one stochastic rounding
+                weight, t = writer.weight(), state["step"]
+                update = self.projector.direction(weight, grad, state, t, group)
+                del weight  # the fp32 copy of W goes before the write allocates its own
+                writer.write(update, group["lr"], group["weight_decay"], t)
+
+    def _weight(self, p: Tensor) -> Tensor:
+        """W as a projector reads it: the parameter, or a writer's dequantized weight."""
+        writer = self.writers.get(p)
+        return writer.weight() if writer is not None else p
+
+    def gradients(self) -> list[Tensor]:
+        """The gradients the next step consumes: the ordinary tensors' `.grad` and the writers'
+        side buffers (so clipping includes them)."""
+        grads = [
+            p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p not in self.writers and p.grad is not None
+        ]
+        return grads + [w.grad for w in self.writers.values()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, and every side buffer zeroed (it stays allocated: the layers'
+        backward adds into it, inside compiled graphs too)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for w in self.writers.values():
+            w.grad.zero_()
 
     def _refresh(self, due: list[tuple[torch.Tensor, str, dict]], step: int, device) -> None:
         """Refresh every due tensor, batched where the projector can. A non-finite gradient or

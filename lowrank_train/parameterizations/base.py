@@ -22,8 +22,19 @@ if TYPE_CHECKING:
 
 
 class Writer(Protocol):
-    """Applies an optimizer update to a quantized tensor in one pass:
-    W <- SR(deq(W) - lr * (update + wd * deq(W)))."""
+    """A quantized tensor as the optimizer sees it (DESIGN.md, "Gradients of quantized weights").
+
+    `tensor` is the stored tensor the optimizer keys its state by (e.g. INT8 codes), `name` its
+    name in the model, `grad` the (out, in) side buffer the layer's backward adds g^T x into
+    (no parameter: never saved or counted), `weight()` the dequantized W in fp32, and `write`
+    applies an update in one pass: W <- SR(deq(W) - lr * (update + wd * deq(W))).
+    """
+
+    name: str
+    tensor: Tensor
+    grad: Tensor
+
+    def weight(self) -> Tensor: ...
 
     def write(self, update: Tensor, lr: float, wd: float, step: int) -> None: ...
 
@@ -43,10 +54,14 @@ class ParameterizedLinear(nn.Module):
         return {}
 
     def stored_bytes(self) -> dict[str, int]:
-        """Bytes of every tensor this layer stores, by name (parameters and buffers)."""
-        tensors = dict(self.named_parameters(recurse=False)) | dict(
-            self.named_buffers(recurse=False)
-        )
+        """Bytes of every tensor this layer stores, by name: parameters and persistent buffers
+        (a non-persistent buffer, e.g. a side-buffer gradient, is a gradient, not storage)."""
+        buffers = {
+            name: b
+            for name, b in self.named_buffers(recurse=False)
+            if name not in self._non_persistent_buffers_set
+        }
+        tensors = dict(self.named_parameters(recurse=False)) | buffers
         return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -60,7 +75,8 @@ class ParameterizedLinear(nn.Module):
         return []
 
     def writers(self) -> dict[str, Writer]:
-        """Quantized tensors and how to write updates into them; none by default."""
+        """Quantized tensors and how to write updates into them, by attribute name; none by
+        default. Having writers is what makes a layer train through lowrank-train's own Adam."""
         return {}
 
 
@@ -69,13 +85,16 @@ class Parameterization:
 
     name: ClassVar[str]
     Config: ClassVar[type]
-    quantized: ClassVar[bool] = False  # its layers train through writers (lowrank-train's own Adam)
 
     def __init__(self, options: object | None = None):
         self.options = options if options is not None else self.Config()
 
-    def convert(self, linear: nn.Linear, name: str, gen: torch.Generator) -> ParameterizedLinear:
-        """The parameterized layer replacing `linear` (fp32, dense init already drawn)."""
+    def convert(
+        self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
+    ) -> ParameterizedLinear:
+        """The parameterized layer replacing `linear` (fp32, dense init already drawn), on
+        linear's device; `dtype` is the run's storage dtype, applied where the method means it
+        (trained factors and weights in dtype; quantization scales stay fp32)."""
         raise NotImplementedError
 
     def validate(self, cfg: RunConfig) -> None:
@@ -119,7 +138,8 @@ def swap_linears(
 
     Layer by layer: the fp32 Linear exists for one layer at a time, its init drawn on the CPU
     from a generator seeded by (seed, layer name), so every device, rank and method sees the same
-    dense init. Floating tensors of the result are cast to the run's dtype. With `device` meta
+    dense init. `convert` applies the run's `dtype` as its method means it; this helper only
+    moves the result to `device` (a blanket cast would turn fp32 scales bf16). With `device` meta
     nothing is drawn (a structural build, for checks and planning): `convert` then receives a
     meta Linear and must not read its values. Returns the count.
     """
@@ -135,8 +155,8 @@ def swap_linears(
         if device.type != "meta":
             linear = linear.to_empty(device="cpu")
             init_linear_(linear, generator(seed, full), std)
-        layer = parameterization.convert(linear, full, generator(seed, full, "method"))
-        setattr(parent, attr, layer.to(device=device, dtype=dtype))
+        layer = parameterization.convert(linear, full, generator(seed, full, "method"), dtype)
+        setattr(parent, attr, layer.to(device=device))
         count += 1
     if count == 0:
         raise ValueError(f"no Linear named {target} in the model")

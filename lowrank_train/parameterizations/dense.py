@@ -47,5 +47,7 @@ class Dense(Parameterization):
     class Config:
         pass
 
-    def convert(self, linear: nn.Linear, name: str, gen: torch.Generator) -> DenseLinear:
-        return DenseLinear(linear)
+    def convert(
+        self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
+    ) -> DenseLinear:
+        return DenseLinear(linear.to(dtype))

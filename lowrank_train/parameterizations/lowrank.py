@@ -85,7 +85,9 @@ class LowRank(Parameterization):
             "none", "between the factors: none (W = s B A) or silu (CoLA: y = s B silu(A x))"
         )
 
-    def convert(self, linear: nn.Linear, name: str, gen: torch.Generator) -> LowRankLinear:
+    def convert(
+        self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
+    ) -> LowRankLinear:
         o = self.options
         m, n = linear.out_features, linear.in_features
         r = o.rank
@@ -104,7 +106,7 @@ class LowRank(Parameterization):
             )
             A = torch.randn(r, n, generator=gen) * std
             B = torch.randn(m, r, generator=gen) * std
-        return LowRankLinear(A, B, bias, o.scale, o.activation)
+        return LowRankLinear(A, B, bias, o.scale, o.activation).to(dtype)  # drawn in fp32
 
     def validate(self, cfg) -> None:
         o = self.options

@@ -129,12 +129,14 @@ class Projector:
 
 
 def projectable_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
-    """name -> shape of every tensor the run would project, from a structural (meta) build."""
+    """name -> (out, in) shape of every tensor the run would project (projectable parameters and
+    the writers' quantized weights), from a structural (meta) build."""
     from lowrank_train.models import build_model  # lazily: models imports the registries
-    from lowrank_train.optim import projectable_tensors
+    from lowrank_train.optim import projectable_tensors, writer_tensors
 
     model = build_model(cfg, 256, torch.device("meta"))  # the vocabulary is never projected
-    return {name: tuple(p.shape) for name, p in projectable_tensors(model).items()}
+    shapes = {name: tuple(p.shape) for name, p in projectable_tensors(model).items()}
+    return shapes | {name: tuple(w.grad.shape) for name, w in writer_tensors(model).items()}
 
 
 MOMENT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -345,6 +347,36 @@ class LowRankAdam(Projector):
         r = self.options.rank
         d, big = sorted(shape)
         return 2 * moment_bytes(big * r, state_dtype) + d * r * param_bytes
+
+
+class FullAdam(LowRankAdam):
+    """LowRankAdam with the identity map, down(G) = G and up(N) = N: full Adam through the same
+    moments code (and `optim.state_dtype`). `build_optimizer` gives it the quantized tensors
+    when no projector is set; not a registered name (no projector is `optim.projector.name:
+    none`, and for dense tensors `optim.name` picks torch's or bitsandbytes' Adam)."""
+
+    name = "full_adam"
+    shared_keys = ()  # no basis: nothing to refresh or broadcast
+
+    @dataclass
+    class Config:
+        pass
+
+    def init_state(self, param: Parameter, name: str) -> State:
+        return {"name": name}
+
+    def needs_refresh(self, state: State, step: int) -> bool:
+        return False
+
+    def down(self, grad: Tensor, state: State) -> Tensor:
+        return grad
+
+    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        return low_update
+
+    def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
+        """2 moments of m x n in state_dtype."""
+        return 2 * moment_bytes(shape[0] * shape[1], state_dtype)
 
 
 PROJECTORS: Registry[Projector] = Registry("projector")

@@ -1,0 +1,162 @@
+"""`int8`: W (out, in) stored as INT8 codes with fp32 group scales and no high-precision master
+copy, trained through its writer with stochastic rounding (Q-GaLore, arXiv 2407.08296;
+research/parameterizations.md section 5).
+
+Storage, over the row-major flattened W in groups of g = 256 (`weights.group_size`):
+    s_b = absmax_b / 127,   c_i = round(w_i / s_b) in [-127, 127],   deq(W)_i = c_i s_b
+symmetric absmax (Q-GaLore's code uses a zero-point quantizer whose rounded zero clips groups
+of one sign; not done here), so the layer stores mn + 4 ceil(mn / g) bytes: mn + 4mn/256.
+The init is the dense draw of the same seed, rounded to nearest.
+
+Forward y = x deq(W)^T (+ b) through `quantized_linear`; the backward adds g^T x into the side
+buffer `weight_grad` (out, in) in the run's dtype: a non-persistent buffer, so it moves with
+the module but is never saved, counted as a parameter, or listed in `stored_bytes`.
+
+The optimizer reads `weight_grad` as the gradient and `weight()` as the parameter, and writes
+    W <- SR(deq(W) - lr * (update + wd * deq(W)))
+in fp32 (never bf16: the Q-GaLore code adds in bf16 and loses small updates), block scales
+recomputed, one stochastic rounding (`kernels.int8_sr_update`) whose bits come from
+(the layer's seed, step); the layer's seed is drawn from the generator of (run seed, layer
+name), so every rank and a resumed run round alike.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_train.config import knob
+from lowrank_train.errors import ConfigError
+from lowrank_train.kernels import ops as kernels
+from lowrank_train.parameterizations.base import (
+    PARAMETERIZATIONS,
+    Parameterization,
+    ParameterizedLinear,
+    Writer,
+)
+from lowrank_train.parameterizations.quantized import quantized_linear
+from lowrank_train.seeding import derived_seed
+
+
+class Int8Linear(ParameterizedLinear):
+    """y = x deq(codes, scales)^T + b; codes (out, in) int8, scales (ceil(mn / g),) fp32."""
+
+    def __init__(
+        self,
+        codes: Tensor,
+        scales: Tensor,
+        bias: Tensor | None,
+        group_size: int,
+        name: str,
+        seed: int,
+        grad_dtype: torch.dtype,
+    ):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size, self.name, self.seed = group_size, f"{name}.codes", seed
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer(
+            "weight_grad",
+            torch.zeros(codes.shape, dtype=grad_dtype, device=codes.device),
+            persistent=False,
+        )
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = quantized_linear(
+            x,
+            self.codes,
+            self.scales,
+            "int8",
+            (self.out_features, self.in_features),
+            self.group_size,
+            self.weight_grad,
+        )
+        return y + self.bias if self.bias is not None else y
+
+    def dense_weight(self) -> Tensor:
+        """deq(W) in fp32, (out, in)."""
+        return kernels.dequantize_int8(self.codes, self.scales, self.group_size)
+
+    def writers(self) -> dict[str, Writer]:
+        return {"weight": Int8Writer(self)}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}"
+        )
+
+
+class Int8Writer:
+    """The optimizer's view of an Int8Linear's weight (the `Writer` protocol). It reads the
+    layer's tensors at each call, so it stays valid when the module moves."""
+
+    def __init__(self, layer: Int8Linear):
+        self.layer = layer
+        self.name = layer.name
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.layer.codes
+
+    @property
+    def grad(self) -> Tensor:
+        return self.layer.weight_grad
+
+    def weight(self) -> Tensor:
+        return self.layer.dense_weight()
+
+    @torch.no_grad()
+    def write(self, update: Tensor, lr: float, wd: float, step: int) -> None:
+        """W <- SR(deq(W) - lr * (update + wd * deq(W))), codes and scales rewritten in place."""
+        layer = self.layer
+        kernels.int8_sr_update(
+            layer.codes,
+            layer.scales,
+            update,
+            lr=lr,
+            wd=wd,
+            seed=derived_seed(layer.seed, step),
+            group_size=layer.group_size,
+        )
+
+
+@PARAMETERIZATIONS.register
+class Int8(Parameterization):
+    """INT8 weights (absmax groups of 256) trained by stochastic rounding, no master copy."""
+
+    name = "int8"
+
+    @dataclass
+    class Config:
+        group_size: int = knob(256, "elements per fp32 scale, over the row-major flattened W")
+
+    def convert(
+        self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
+    ) -> Int8Linear:
+        g = self.options.group_size
+        w = linear.weight.detach()
+        if w.device.type == "meta":  # a structural build: shapes only
+            codes = torch.empty(w.shape, dtype=torch.int8, device="meta")
+            scales = torch.empty(-(-w.numel() // g), device="meta")
+        else:
+            codes, scales = kernels.quantize_int8(w.float(), g)
+        bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
+        seed = int(torch.randint(0, 2**62, (), generator=gen))
+        return Int8Linear(codes, scales, bias, g, name, seed, grad_dtype=dtype)
+
+    def validate(self, cfg) -> None:
+        g = self.options.group_size
+        if g < 2 or g % 2:
+            raise ConfigError(f"weights.group_size: {g} must be an even integer >= 2")
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, as distributed.setup reads it
+        if world > 1:
+            raise ConfigError(
+                f"weights.name: int8 runs in one process only (WORLD_SIZE={world}): DDP "
+                "all-reduces parameters' gradients, not its side-buffer weight gradients"
+            )
