@@ -29,5 +29,6 @@ lint: install
 	$(BIN)/ruff check lowrank_train tests benchmarks scripts
 	$(BIN)/ruff format --check lowrank_train tests benchmarks scripts
 
+# The 24 GB benchmark (README, "24 GB benchmark"): e.g. make bench ARGS="--cache DIR --sizes 7b"
 bench: install
-	$(BIN)/python benchmarks/bench_loop.py $(ARGS)
+	$(BIN)/python benchmarks/bench_train.py $(ARGS)

@@ -113,26 +113,50 @@ def write_results(bench: str, slug: str | None, rows: list[dict], out_dir: Path 
     return path
 
 
-def run_cases(script: Path, cases: list[dict], timeout_s: int = 900) -> list[dict]:
+def run_cases(
+    script: Path,
+    cases: list[dict],
+    timeout_s: int = 900,
+    log: Path | None = None,
+    on_result: Callable[[dict, dict], None] | None = None,
+) -> list[dict]:
     """Run each case in a fresh process (`script --case JSON`), so allocator caps and compile
-    caches of one case never touch another. A failed case yields {"case": ..., "error": ...}."""
+    caches of one case never touch another. A failed or timed-out case yields {"case": ...,
+    "error": ...}. With `log`, each child's stderr is appended to it as the child writes (a
+    killed call keeps what ran); `on_result(case, result)` runs as each case ends."""
     out = []
     for case in cases:
-        proc = subprocess.run(
-            [sys.executable, str(script), "--case", json.dumps(case)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            out.append({"case": case, "error": " | ".join(tail)})
-            print(f"case {case} failed: {' | '.join(tail)}", file=sys.stderr, flush=True)
-        else:
-            out.append(json.loads(lines[-1]))
-            print(f"case {case}: {lines[-1][:300]}", file=sys.stderr, flush=True)
+        result = _run_one(script, case, timeout_s, log)
+        print(f"case {case}: {json.dumps(result)[:300]}", file=sys.stderr, flush=True)
+        out.append(result)
+        if on_result is not None:
+            on_result(case, result)
     return out
+
+
+def _run_one(script: Path, case: dict, timeout_s: int, log: Path | None) -> dict:
+    cmd = [sys.executable, str(script), "--case", json.dumps(case)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        if log is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+            stderr = proc.stderr
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(f"\n===== case {json.dumps(case)}\n")
+                f.flush()
+                proc = subprocess.run(
+                    cmd, stdout=subprocess.PIPE, stderr=f, text=True, timeout=timeout_s, env=env
+                )
+            stderr = "".join(log.read_text().splitlines(keepends=True)[-5:])
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"timed out after {timeout_s} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"case": case, "error": " | ".join(tail)}
+    return json.loads(lines[-1])
 
 
 def case_main(run_case: Callable[[dict], dict]) -> None:

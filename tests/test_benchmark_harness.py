@@ -42,3 +42,187 @@ def test_in_one_process_keeps_each_models_runs_in_order():
     assert [g["provider"] for g in groups] == ["sequence", "sequence"]
     assert [c for g in groups for c in g["runs"]] == cases  # the flat order the parent expects
     assert {c["model"] for c in groups[0]["runs"]} == {"llama_60m"}
+
+
+# -- the training benchmarks' plumbing (bench_train, bench_params) on the tiny model, CPU --------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+
+import bench_params  # noqa: E402
+import bench_train  # noqa: E402
+import training  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+FLAGS = (
+    "batch_size",
+    "grad_accum",
+    "gradient_checkpointing",
+    "clip_grad_norm",
+    "compile",
+    "per_layer",
+    "steps",
+    "call",
+)
+
+
+def test_bench_train_runs_each_case_in_its_own_process_and_writes_rows_as_they_end(
+    tiny_run, tmp_path
+):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_train.py"),
+            "--sizes", "tiny",
+            "--base", str(tiny_run("base")),
+            "--methods", "adamw,galore-torch-8bit-pl",
+            "--grad-accum", "2",
+            "--steps", "30",
+            "--no-compile",
+            "--call", "test-call",
+            "--out-dir", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rows_file,) = out.glob("train_*.jsonl")
+    rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
+    assert list(rows) == ["adamw", "galore-torch-8bit-pl"]
+    for row in rows.values():
+        assert set(FLAGS) <= set(row["settings"]), row["settings"]
+        assert row["settings"]["grad_accum"] == 2 and row["settings"]["call"] == "test-call"
+    ours = rows["adamw"]
+    assert ours["provider"] == "ours" and ours["settings"]["dtype"] == "float32"
+    assert_timed(ours["metrics"], steps=30)
+    assert ours["metrics"]["targeted_stored_gib"] > 0
+    # the planner's figure beside the measurement, or null with the reason it is missing
+    plan = ours["metrics"]
+    assert isinstance(plan["planned_gib"], float) or plan["planned_error"]
+    if plan["planned_gib"] is not None:
+        assert plan["planned_over_measured"] == plan["planned_gib"] / plan["peak_gib"]
+    skip = rows["galore-torch-8bit-pl"]["metrics"]
+    assert "micro-batch" in skip["skipped"] and "tok_s" not in skip
+    log = (out / "train.log").read_text()
+    assert "===== case" in log and "step 20/30 | loss" in log  # the child's own output
+    assert (out / "train.png").stat().st_size > 0
+    assert "| tiny | ours | adamw | 4 x 2 | no | no | no |" in proc.stdout
+
+
+def assert_timed(m: dict, steps: int) -> None:
+    assert m["windows"] == steps // training.EVERY and m["quiet_windows"] == m["windows"] - 1
+    assert m["tok_s"] > 0 and m["tok_s_amortized"] > 0 and m["peak_gib"] > 0
+    assert isinstance(m["step0_s"], float) and math.isfinite(m["final_loss"])
+
+
+def test_a_peer_steps_our_dense_model_of_the_case(tiny_run, tmp_path):
+    case = {
+        "bench": "train", "id": "tiny:torch-adamw:accum2", "size": "tiny",
+        "method": "torch-adamw", "provider": "torch", "steps": 20, "grad_accum": 2,
+        "clip": 1.0, "compile": False, "cap_gib": 0.0, "base": str(tiny_run("base")), "call": "c",
+    }  # fmt: skip
+    case["config"] = str(training.compose([Path(case["base"])], tmp_path / "peer.yaml"))
+    case["overrides"] = training.common_overrides(case)
+    case["peer"] = training.peer_settings(training.PEERS["torch-adamw"], case)
+    result = training.peer_run(case)
+    assert_timed(result, steps=20)
+    s = result["settings"]
+    assert (s["grad_accum"], s["clip_grad_norm"], s["per_layer"]) == (2, 1.0, False)
+    assert result["params"] == 166208  # the tiny model of the base file, as ours builds it
+
+
+def test_a_method_not_registered_yet_is_a_skip_row_with_its_reason(monkeypatch):
+    monkeypatch.setitem(training.OURS, "later", training.Method("not_registered"))
+    case = {
+        "bench": "params", "id": "tiny:later:accum1", "size": "tiny", "method": "later",
+        "provider": "ours", "steps": 20, "grad_accum": 1, "clip": 1.0, "compile": True,
+        "cap_gib": 24.0, "call": "c", "config": "x.yaml", "overrides": [],
+    }  # fmt: skip
+    result = training.our_run(case)
+    assert result == {"skipped": "weights.name 'not_registered' is not registered yet"}
+    row = training.to_row(case, result, bench_params.against_dense())
+    assert row["metrics"]["skipped"] == result["skipped"]
+    assert set(FLAGS) <= set(row["settings"]) and row["settings"]["compile"] is True
+    assert "skipped: weights.name 'not_registered'" in bench_params.readme_table([row])
+
+
+def test_summarize_steady_step0_and_amortized_from_the_windows():
+    # 5 windows of 10 steps: the first holds the compile, the fourth a refresh (step 35) of 3 s
+    windows = [30.0, 2.0, 2.2, 5.0, 1.8]
+    events = [{"step": 1, "seconds": 9.0}, {"step": 35, "seconds": 3.0}]
+    out = training.summarize(windows, 1000, events, gap=200, compiled=True)
+    step_s = 0.2  # the median of the quiet windows 2.0, 2.2, 1.8, over 10 steps
+    assert out["step_s"] == pytest.approx(step_s)
+    assert out["tok_s"] == pytest.approx(1000 / step_s)
+    assert out["step0_s"] == pytest.approx(30.0 - 9 * step_s)
+    assert out["event_s"] == 3.0  # a later refresh, not the cold first one
+    assert out["tok_s_amortized"] == pytest.approx(200 * 1000 / (200 * step_s + 3.0))
+    # a peer without its own timing: the event window's excess over a steady one
+    peer = training.summarize(windows, 1000, [{"step": 1}, {"step": 35}], 200, compiled=True)
+    assert peer["event_s"] == pytest.approx(5.0 - 2.0)
+    # only the first step's refresh, compiled: the compile and the SVD are not separable
+    first = training.summarize(windows[:3], 1000, [{"step": 1}], 200, compiled=True)
+    assert first["tok_s_amortized"] is None
+    uncompiled = training.summarize(windows[:3], 1000, [{"step": 1}], 200, compiled=False)
+    assert uncompiled["event_s"] == pytest.approx(30.0 - 9 * 0.21 - 0.21)
+    plain = training.summarize(windows[:3], 1000, [], None, compiled=True)
+    assert plain["tok_s_amortized"] == pytest.approx(1000 * 20 / 4.2)
+
+
+def test_params_rows_carry_ratios_to_the_dense_row_of_the_call():
+    extra = bench_params.against_dense()
+    case = {"size": "1b"}
+    dense = {"tok_s": 100.0, "tok_s_amortized": 100.0, "peak_gib": 20.0, "peak_alloc_gib": 18.0,
+             "planned_gib": 21.0}  # fmt: skip
+    assert extra({**case, "method": "adamw"}, dense)["tok_s_vs_dense"] == 1.0
+    low = {"tok_s": 120.0, "tok_s_amortized": 110.0, "peak_gib": 15.0, "peak_alloc_gib": 12.0,
+           "planned_gib": 16.0}  # fmt: skip
+    out = extra({**case, "method": "lowrank"}, low)
+    assert out["tok_s_vs_dense"] == pytest.approx(1.2)
+    assert out["peak_alloc_gib_vs_dense"] == pytest.approx(12 / 18)
+    assert out["peak_saving_gib"] == 5.0 and out["planned_saving_gib"] == 5.0
+    assert extra({"size": "350m", "method": "lowrank"}, low) == {}  # no dense row: no ratio
+
+
+def test_readme_tables_from_rows():
+    def row(method, provider, **metrics):
+        return {
+            "case": {"model": "llama_7b", "cap_gib": 24.0},
+            "provider": provider,
+            "method": method,
+            "settings": {
+                "batch_size": 4,
+                "grad_accum": 1,
+                "gradient_checkpointing": True,
+                "per_layer": True,
+                "compile": True,
+                "clip_grad_norm": 0.0,
+                "call": "call2",
+            },  # fmt: skip
+            "metrics": metrics,
+        }
+
+    rows = [
+        row(
+            "int8+apollo_mini+pl",
+            "ours",
+            peak_gib=9.71,
+            planned_gib=9.5,
+            tok_s=5432.1,
+            tok_s_amortized=5400.0,
+            step0_s=61.25,
+            peak_alloc_gib=8.0,
+        ),  # fmt: skip
+        row("adamw", "ours", skipped="the planner: 40.00 GiB does not fit 24.0 GiB"),
+    ]
+    lines = bench_train.readme_table(rows).splitlines()
+    assert lines[0].startswith("| model | provider | method | batch x accum |")
+    assert len(lines) == 4 and lines[1].count("---") == lines[0].count("|") - 1
+    assert lines[2].startswith(
+        "| llama_7b | ours | int8+apollo_mini+pl | 4 x 1 | yes | yes | yes | 0 | 9.71 |"
+    )
+    assert "| 9.50 | 8.00 | 5,432 | 5,400 | 61.2 | call2 |  |" in lines[2]
+    assert lines[3].endswith("| call2 | skipped: the planner: 40.00 GiB does not fit 24.0 GiB |")
