@@ -90,8 +90,11 @@ OURS = {
     "apollo_mini+pl": Method("dense", ("runs:apollo_mini",), per_layer=True),
     # a composition no paper ran: GaLore's fragment (rank 128) over SLTrain's factors
     "sltrain+galore": Method("sltrain", ("runs:sltrain", "methods:galore")),
-    "int8+qgalore": Method("int8", ("runs:int8", "runs:qgalore")),
-    "int8+qgalore+pl": Method("int8", ("runs:int8", "runs:qgalore"), per_layer=True),
+    # the composed recipe (configs/runs/int8_qgalore_<size>.yaml) wins where it exists
+    "int8+qgalore": Method("int8", ("runs:int8", "runs:qgalore", "runs:int8_qgalore")),
+    "int8+qgalore+pl": Method(
+        "int8", ("runs:int8", "runs:qgalore", "runs:int8_qgalore"), per_layer=True
+    ),
     "int8+apollo_mini+pl": Method("int8", ("runs:int8", "runs:apollo_mini"), per_layer=True),
     "int8+apollo+pl": Method("int8", ("runs:int8", "runs:apollo"), per_layer=True),
 }
