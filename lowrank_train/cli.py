@@ -1,18 +1,20 @@
 """`lowrank-train`: argument parsing and exit codes only; the work is in the modules it calls.
 
 Exit codes: 0 done (or stopped by a signal after saving), 2 bad input (one line, no
-traceback), 3 stopped on a non-finite loss, 1 anything else.
+traceback), 3 stopped on a non-finite loss, 4 out of memory (one line with the planner's
+breakdown and suggestions; the last good checkpoint is kept), 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from lowrank_train.errors import NonFiniteLossError, UserError
+from lowrank_train.errors import NonFiniteLossError, OutOfMemory, UserError
 
 log = logging.getLogger("lowrank_train")
 
@@ -55,15 +57,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank == 0:
         s = result.summary
         log.info(
-            "done: %d steps, %s tokens, val_loss %.4f (ppl %.2f), %.0f tok/s, peak %.2f GiB, %s",
+            "done: %d steps, %s tokens, val_loss %.4f (ppl %.2f), %.0f tok/s, peak %.2f GiB "
+            "(planned %.2f), %s",
             s["step"],
             f"{s['tokens']:,}",
             s["final_val_loss"],
             s["final_val_ppl"],
             s["tok_s"],
             s["peak_gib"],
+            s["planned_gib"],
             result.run_dir,
         )
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from lowrank_train.planner import plan_run
+    from lowrank_train.resolve import load_run
+
+    cfg, _ = load_run(args.config, args.overrides)
+    plan = plan_run(cfg, args.device)
+    print(json.dumps(plan.to_json(str(args.config)), indent=2) if args.json else plan.table())
     return 0
 
 
@@ -126,6 +140,21 @@ def parser() -> argparse.ArgumentParser:
         help="tokens of generated text per prompt after a finished run (0 = none)",
     )
     t.set_defaults(func=cmd_train)
+    est = sub.add_parser(
+        "estimate", help="plan a run's peak memory (per component and phase) and whether it fits"
+    )
+    est.add_argument("config", help="run config")
+    est.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. model.gradient_checkpointing=true"
+    )
+    est.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the machine to plan for (this one need not have it)",
+    )
+    est.add_argument("--json", action="store_true", help="print DESIGN.md's JSON")
+    est.set_defaults(func=cmd_estimate)
     m = sub.add_parser(
         "methods", help="list the registered parameterizations, projectors and optimizers"
     )
@@ -147,17 +176,20 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may follow options (`train x.yaml --resume latest train.lr=1e-3`); argparse
     # has already closed the positional list by then, so they come back as unknown arguments.
     args, extra = p.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    with_overrides = ("train", "estimate")
+    stray = [
+        a for a in extra if a.startswith("-") or "=" not in a or args.command not in with_overrides
+    ]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
-    if args.command == "train":
+    if args.command in with_overrides:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except UserError as e:
         print(f"lowrank-train: {e}", file=sys.stderr)
         return e.exit_code
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, OutOfMemory) as e:
         log.error("%s", e)
         return e.exit_code
 

@@ -19,3 +19,10 @@ class NonFiniteLossError(Exception):
     """Training stopped on a NaN/inf loss; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class OutOfMemory(Exception):
+    """The device ran out of memory; one line with the planner's breakdown and suggestions. The
+    last good checkpoint is kept (nothing is saved after the failure)."""
+
+    exit_code = 4

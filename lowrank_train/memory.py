@@ -3,6 +3,7 @@
 On CUDA, `peak_gib` = max_memory_reserved + the CUDA context (device memory in use after
 initialisation, before the first tensor, from torch.cuda.mem_get_info); the cap limits the
 allocator to cap_gib less that context. On CPU the peak is the process's maximum resident set.
+What a run will need, before anything is allocated, is planner.py's job.
 """
 
 from __future__ import annotations

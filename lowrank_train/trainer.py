@@ -12,10 +12,11 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,14 +31,16 @@ from lowrank_train.data import (
     prepare_data,
     split_block,
 )
-from lowrank_train.errors import CheckpointError, NonFiniteLossError
+from lowrank_train.errors import CheckpointError, NonFiniteLossError, OutOfMemory
 from lowrank_train.evaluation import causal_lm_loss, compute_context, evaluate
 from lowrank_train.memory import MemoryMonitor
 from lowrank_train.metrics import Metrics
 from lowrank_train.models import build_model, describe
 from lowrank_train.optim import build_optimizer
+from lowrank_train.optim.per_layer import compile_layers
 from lowrank_train.optim.schedule import build_scheduler, warmup_steps
 from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.planner import plan_run, suggestions
 from lowrank_train.precision import resolve_precision, warn_if_emulated
 from lowrank_train.resume import check_resumable, resolve_resume
 from lowrank_train.stopping import StopFlag
@@ -69,6 +72,39 @@ def total_steps(cfg: RunConfig, world_size: int) -> int:
     return max(1, t.tokens // (t.batch_size * t.grad_accum * world_size * cfg.model.seq_len))
 
 
+@dataclass
+class Built:
+    """What a run trains: the model, its optimizer and schedule, and (given tokens) its loader."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total: int  # optimizer steps of the schedule
+    loader: BlockLoader | None
+
+
+def build_run(
+    cfg: RunConfig,
+    vocab_size: int,
+    device: torch.device,
+    world_size: int = 1,
+    rank: int = 0,
+    tokens: np.ndarray | None = None,
+) -> Built:
+    """The one builder of a run, for `train` and for the memory planner (which builds on the
+    meta device, so nothing is allocated and the two never disagree about what is built)."""
+    model = build_model(cfg, vocab_size, device)
+    optimizer = build_optimizer(cfg, model, device)
+    total = total_steps(cfg, world_size)
+    warmup = warmup_steps(total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
+    scheduler = build_scheduler(optimizer, total, warmup, cfg.train.min_lr_ratio)
+    loader = None
+    if tokens is not None:
+        t = cfg.train
+        loader = BlockLoader(tokens, cfg.model.seq_len, t.batch_size, t.seed, rank, world_size)
+    return Built(model, optimizer, scheduler, total, loader)
+
+
 class Trainer:
     """Builds a run from its config (model, optimizer, schedule, data) and steps it."""
 
@@ -91,7 +127,22 @@ class Trainer:
         self.memory = MemoryMonitor(device, cfg.memory.cap_gib)
         self.data = prepare_data(cfg.data, cfg.model.preset, self.env.rank, self.env.world_size)
         check_sizes(self.data, cfg.model.seq_len, cfg.train.batch_size * self.env.world_size)
-        self.model = build_model(cfg, self.data.vocab_size, device)
+        self.plan = plan_run(cfg, device, self.data.vocab_size, self.env.world_size)
+        log.info("%s", self.plan.summary())
+        for suggestion in self.plan.suggestions:
+            log.warning("memory: %s", suggestion)
+        self.progress = Progress()
+        with self.reporting_oom():
+            built = build_run(
+                cfg,
+                self.data.vocab_size,
+                device,
+                self.env.world_size,
+                self.env.rank,
+                self.data.train,
+            )
+        self.model, self.optimizer, self.scheduler = built.model, built.optimizer, built.scheduler
+        self.total, self.loader = built.total, built.loader
         self.autocast = self.precision.autocast
         log.info(
             "%s | weights %s, autocast %s (%s), device %s x%d",
@@ -103,19 +154,6 @@ class Trainer:
             self.env.world_size,
         )
         warn_if_emulated(self.precision, device)
-        self.optimizer = build_optimizer(cfg, self.model, device)
-        self.total = total_steps(cfg, self.env.world_size)
-        warmup = warmup_steps(self.total, cfg.train.warmup_ratio, cfg.train.warmup_steps)
-        self.scheduler = build_scheduler(self.optimizer, self.total, warmup, cfg.train.min_lr_ratio)
-        self.loader = BlockLoader(
-            self.data.train,
-            cfg.model.seq_len,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            self.env.rank,
-            self.env.world_size,
-        )
-        self.progress = Progress()
         if checkpoint is not None:
             self.restore(checkpoint)
         self.metrics = Metrics(
@@ -133,13 +171,38 @@ class Trainer:
         self.wrapped = (
             DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
         )
-        self.loss_fn = torch.compile(causal_lm_loss) if cfg.train.compile else causal_lm_loss
+        self.loss_fn = causal_lm_loss
+        if cfg.train.compile and cfg.optim.per_layer:
+            compile_layers(self.model)  # one whole-model graph would run every hook at its end
+        elif cfg.train.compile:
+            self.loss_fn = torch.compile(causal_lm_loss)
         self.tokens_per_step = (
             cfg.train.batch_size * cfg.train.grad_accum * self.env.world_size * cfg.model.seq_len
         )
         self.tokenizer_json = self.data.tokenizer_path.read_text()
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.events: list[dict] = []  # the layers' (merges); the optimizer keeps its own
+
+    @contextmanager
+    def reporting_oom(self):
+        """Out of memory becomes one line: the step, the plan's breakdown and the changes that
+        would save memory (the planner re-run with each). Nothing is saved after it, so the
+        last good checkpoint is the one to resume (a per-layer step may have stepped some
+        tensors and not others)."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            cfg, plan = self.cfg, self.plan
+            tips = plan.suggestions or suggestions(
+                cfg, self.env.device, self.data.vocab_size, self.env.world_size, plan
+            )
+            advice = f"try {'; '.join(tips)}" if tips else "no setting the planner knows helps"
+            raise OutOfMemory(
+                f"out of memory in step {self.progress.step + 1} under memory.cap_gib="
+                f"{cfg.memory.cap_gib:g} (measured peak {self.memory.peaks()['peak_gib']:.2f} "
+                f"GiB); {plan.summary()}; {advice}; the last good checkpoint is kept in "
+                f"{cfg.checkpoint_dir}"
+            ) from None
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
@@ -237,7 +300,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         started, first_step = time.perf_counter(), p.step
         window_start, window_steps, step_loss = started, 0, None
-        with StopFlag() as stop:
+        with StopFlag() as stop, self.reporting_oom():
             while p.step < end:
                 log_now = (p.step + 1) % cfg.logging.every == 0 or p.step + 1 == end
                 # without clipping, the norm is still measured at logging steps (inf: no-op clip)
@@ -348,6 +411,7 @@ class Trainer:
             "wall_s": wall_s,
             "tok_s": (p.step - first_step) * self.tokens_per_step / max(wall_s, 1e-9),
             **self.memory.peaks(),
+            "planned_gib": self.plan.total_gib,
         }
         if self.env.is_main:
             (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,446 @@
+"""The memory planner: whether a run fits, before anything is allocated (DESIGN.md, "Memory
+planner").
+
+The run is built on the meta device by the same builder as `train` (`trainer.build_run`), in
+the storage dtype the target device resolves to, and every component is a sum of per-tensor
+formulas: weights and quantization scales from the layers' `stored_bytes()`, gradients from the
+trainable tensors and the writers' side buffers, optimizer state from each inner optimizer's
+dtype rules and each projector's `state_bytes`, activations from the LLaMA block's formula
+(`activations`, eager mode), and the temporaries of the loss, the optimizer step and a refresh.
+Total = the largest phase (forward, backward, optimizer step, refresh) + the allocator's slack
++ the CUDA context. When it does not fit, each suggestion is the planner re-run with one change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank_train.config import RunConfig
+from lowrank_train.errors import ConfigError
+from lowrank_train.optim.projected import ProjectedOptimizer
+from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.precision import Precision, resolve_precision
+from lowrank_train.projectors.galore import BATCH_BYTES, SVDProjector
+
+GIB = 2**30
+FP32 = 4
+# Provenance of the constants; the integrator re-calibrates them on the GPU (`lowrank-train
+# estimate` beside a run's measured peak_gib).
+ALLOCATOR_SLACK_BYTES = int(1.2 * GIB)  # CUDA: peak_gib over the live bytes, dense llama_1b run
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA: not yet measured here; MemoryMonitor reads the real one
+CPU_RUNTIME_BYTES = int(0.4 * GIB)  # CPU: max RSS of Python with lowrank_train and torch imported
+SVD_WORKSPACE = 4  # a batched refresh: the fp32 input batch, then ~3x it in QR/eigh temporaries
+EXTRA_TOKENS = 7  # token count of the probe forward of one parameterized layer (see layer_extra)
+
+
+@dataclass
+class Plan:
+    """Bytes per component (each at its largest) and per phase, and the verdict against the cap.
+    A phase is what is live at its peak: the resident tensors (weights, scales, optimizer and
+    projector state) plus what that phase holds."""
+
+    device: str
+    cap_gib: float
+    components: dict[str, int]
+    phases: dict[str, int]
+    slack_bytes: int
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return max(self.phases.values()) + self.slack_bytes + self.components["cuda_context"]
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.cap_gib <= 0 or self.total_bytes <= self.cap_gib * GIB
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.__getitem__)
+
+    def to_json(self, config: str) -> dict:
+        return {
+            "config": config,
+            "cap_gib": self.cap_gib,
+            "device": self.device,
+            "components": self.components,
+            "phases": self.phases,
+            "peak_phase": self.peak_phase,
+            "slack_bytes": self.slack_bytes,
+            "total_bytes": self.total_bytes,
+            "total_gib": round(self.total_gib, 3),
+            "fits": self.fits,
+            "activations": "eager (torch.compile's activations are not planned)",
+            "suggestions": self.suggestions,
+        }
+
+    def summary(self) -> str:
+        """One line: the total, the verdict, the peak phase and the components in GiB."""
+        if self.cap_gib <= 0:
+            verdict = "no cap"
+        else:
+            verdict = f"{'fits' if self.fits else 'above'} the {self.cap_gib:g} GiB cap"
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.components.items() if v)
+        return (
+            f"planned {self.total_gib:.2f} GiB on {self.device} ({verdict}; peak in "
+            f"{self.peak_phase}; GiB: {parts}; slack {self.slack_bytes / GIB:.2f})"
+        )
+
+    def table(self) -> str:
+        rows = [f"{'component':<18}{'GiB':>10}"]
+        rows += [f"{k:<18}{v / GIB:>10.3f}" for k, v in self.components.items()]
+        rows += ["", f"{'phase':<18}{'GiB':>10}"]
+        rows += [f"{k:<18}{v / GIB:>10.3f}" for k, v in self.phases.items()]
+        rows += [f"{'slack':<18}{self.slack_bytes / GIB:>10.3f}", "", self.summary()]
+        rows += ["activations planned eager (torch.compile's are not planned)"]
+        return "\n".join(rows + [f"suggestion: {s}" for s in self.suggestions])
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def stored_bytes(model: nn.Module) -> tuple[int, int]:
+    """(weights, quantization scales): every parameter and buffer outside the parameterized
+    layers, plus each layer's `stored_bytes()`, where a floating-point buffer of a layer is a
+    quantization scale and everything else (codes, factors, indices) a weight."""
+    layers = [m for m in model.modules() if isinstance(m, ParameterizedLinear)]
+    inside = {id(t) for m in layers for t in chain(m.parameters(), m.buffers())}
+    weights = sum(
+        tensor_bytes(t) for t in chain(model.parameters(), model.buffers()) if id(t) not in inside
+    )
+    scales = 0
+    for layer in layers:
+        buffers = dict(layer.named_buffers(recurse=False))
+        for name, nbytes in layer.stored_bytes().items():
+            if name in buffers and buffers[name].is_floating_point():
+                scales += nbytes
+            else:
+                weights += nbytes
+    return weights, scales
+
+
+def inner_optimizers(optimizer: torch.optim.Optimizer) -> dict[str, torch.optim.Optimizer]:
+    """The MultiOptimizer's inner optimizers (through a per-layer wrapper, which holds one)."""
+    multi = optimizer if hasattr(optimizer, "optimizers") else optimizer.optimizer
+    return multi.optimizers
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """(inner-optimizer state, projected state) of one inner optimizer, by its dtype rules:
+    ours by its projector's `state_bytes` (the shape, optim.state_dtype, the gradient's element
+    size); torch AdamW: 2 moments in the parameter's dtype + a 0-d fp32 step per tensor;
+    bitsandbytes: 2 uint8 moments + an fp32 absmax per 256 values (+ its 2 shared 256-entry fp32
+    maps), or 2 fp32 moments at 32 bits and below `min_8bit_size`."""
+    if isinstance(opt, ProjectedOptimizer):
+        writers = getattr(opt, "writers", {})
+        total = 0
+        for g in opt.param_groups:
+            for p in g["params"]:
+                grad = writers[p].grad if p in writers else p  # the basis is in G's dtype
+                total += opt.projector.state_bytes(
+                    tuple(p.shape), g["state_dtype"], grad.element_size()
+                )
+        return 0, total
+    if type(opt).__module__.startswith("bitsandbytes"):
+        total, eight_bit = 0, False
+        for gi, g in enumerate(opt.param_groups):
+            for pi, p in enumerate(g["params"]):
+                config, n = opt.get_config(gi, pi, g), p.numel()
+                if config["optim_bits"] == 8 and n >= config["min_8bit_size"]:
+                    total += 2 * n + 2 * FP32 * -(-n // 256)
+                    eight_bit = True
+                else:
+                    total += 2 * FP32 * n
+        return total + (2 * 256 * FP32 if eight_bit else 0), 0
+    if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+        return sum(2 * tensor_bytes(p) + FP32 for g in opt.param_groups for p in g["params"]), 0
+    raise TypeError(f"the planner has no state formula for {type(opt).__name__}")
+
+
+def side_buffer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The writers' side-buffer gradients (resident buffers of the quantized layers)."""
+    return sum(
+        tensor_bytes(w.grad)
+        for opt in inner_optimizers(optimizer).values()
+        for w in getattr(opt, "writers", {}).values()
+    )
+
+
+# -- activations ---------------------------------------------------------------------------------
+# Saved for backward by one eager forward of HF's LlamaDecoderLayer (transformers 5.x, SDPA with
+# a causal mask and no padding), derived from the tensors torch.autograd.graph.saved_tensors_hooks
+# sees, with T tokens, hidden h, intermediate i, nh heads, w the storage dtype's bytes and a the
+# compute dtype's (bf16 under autocast). Attention is the flash kernel on CUDA and torch's flash
+# CPU kernel on CPU (torch 2.13 picks it for an unmasked causal call): both save q, k, v and the
+# output plus an fp32 logsumexp (T x nh), never an s x s matrix, so one formula serves both.
+#   RMSNorm:    4Th (its fp32 input) + 4T (rsqrt) + w Th (normalised x) + w Th (its output,
+#               shared by the Linears that read it; under autocast each Linear keeps its own
+#               cast of it instead: a Th for each of q, k, v, gate and up)
+#   attention:  4 a Th (q, k, v, output) + 4 T nh
+#   MLP:        4 a Ti (gate, SiLU(gate), up, their product)
+#   autocast:   the bf16 copy of every matmul weight (2-D parameters but the input embedding)
+#   a parameterized layer's own intermediates (e.g. the T x r of W = B A), by layer_extra
+# Model: token ids (a view of the loader's b x (s + 1) int64 block) and labels (8T), the loss, cos/sin (2 s hd w), the final RMSNorm, and the
+# loss's fp32 log-softmax (4 T V). With gradient checkpointing a layer keeps only its input
+# (w Th) and recomputes the rest in its backward.
+AUTOCAST_CASTS = 5  # Linears reading a norm's output: q, k, v (input norm), gate, up (post-attn)
+
+
+@dataclass(frozen=True)
+class Activations:
+    layers: list[int]  # saved by each decoder layer (its input only, under checkpointing)
+    layer_full: list[int]  # each layer's full saved set (its recompute under checkpointing)
+    model: int  # ids, labels, rotary tables, final norm, log-softmax
+    logits: int  # the loss's fp32 transients, 4 T V each
+
+    @property
+    def total(self) -> int:
+        return sum(self.layers) + self.model
+
+
+def norm_bytes(tokens: int, hidden: int, w: int, autocast: bool) -> int:
+    return FP32 * tokens * hidden + FP32 * tokens + w * tokens * hidden * (1 if autocast else 2)
+
+
+def layer_extra(layer: ParameterizedLinear, cache: dict) -> int:
+    """Elements per token that one parameterized layer saves beyond its input (0 for dense), by
+    a probe forward of the meta-built layer: saved tensors shaped (1, EXTRA_TOKENS, k) or
+    (EXTRA_TOKENS, k), other than its input (or the input's casts) and its own tensors."""
+    key = (type(layer), layer.in_features, layer.out_features, repr(layer))
+    if key not in cache:
+        x = torch.zeros(1, EXTRA_TOKENS, layer.in_features, device="meta", requires_grad=True)
+        own = {id(t) for t in chain(layer.parameters(), layer.buffers())}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            token_shaped = tuple(t.shape[:-1]) in ((1, EXTRA_TOKENS), (EXTRA_TOKENS,))
+            if token_shaped and id(t) not in own and t.shape[-1] != layer.in_features:
+                seen[id(t)] = t.shape[-1]
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        cache[key] = sum(seen.values())
+    return cache[key]
+
+
+def activations(model: nn.Module, cfg: RunConfig, precision: Precision, batch: int) -> Activations:
+    hf = model.config
+    s = cfg.model.seq_len
+    t, h, i, nh = batch * s, hf.hidden_size, hf.intermediate_size, hf.num_attention_heads
+    w = precision.dtype.itemsize
+    autocast = precision.autocast is not None
+    a = precision.autocast.itemsize if autocast else w
+    cache: dict = {}
+    full = []
+    for layer in model.model.layers:
+        bytes_ = 2 * norm_bytes(t, h, w, autocast) + 4 * a * t * h + FP32 * t * nh + 4 * a * t * i
+        if autocast:
+            bytes_ += AUTOCAST_CASTS * a * t * h
+            bytes_ += sum(a * p.numel() for p in layer.parameters() if p.ndim == 2)
+        extra = [
+            layer_extra(m, cache) for m in layer.modules() if isinstance(m, ParameterizedLinear)
+        ]
+        full.append(bytes_ + a * t * sum(extra))
+    checkpointed = cfg.model.gradient_checkpointing
+    layers = [w * t * h] * len(full) if checkpointed else full
+    head = model.get_output_embeddings().weight
+    ids = 8 * batch * (s + 1) + 8 * t  # inputs: a view of the (b, s + 1) block; labels: a copy
+    other = ids + FP32 + norm_bytes(t, h, w, autocast) + FP32 * t * hf.vocab_size
+    if not checkpointed:
+        other += 2 * s * (h // nh) * w
+    if autocast:
+        other += a * t * h + a * head.numel()
+    return Activations(layers, full, other, FP32 * t * hf.vocab_size)
+
+
+# -- phases ----------------------------------------------------------------------------------------
+
+
+def numel_of_largest(tensors) -> int:
+    return max((t.numel() for t in tensors), default=0)
+
+
+def trained_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [
+        p
+        for opt in inner_optimizers(optimizer).values()
+        for g in opt.param_groups
+        for p in g["params"]
+    ]
+
+
+def refresh_workspace(optimizer: torch.optim.Optimizer) -> int:
+    """The largest batched basis-finder call of an SVD projector's refresh: the tensors of one
+    shape in chunks of at most BATCH_BYTES of fp32 input (at least one matrix), x SVD_WORKSPACE."""
+    largest = 0
+    for opt in inner_optimizers(optimizer).values():
+        if not isinstance(getattr(opt, "projector", None), SVDProjector):
+            continue
+        shapes: dict[tuple, int] = {}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+        for (m, n), count in shapes.items():
+            matrix = FP32 * m * n
+            largest = max(largest, min(count, max(1, BATCH_BYTES // matrix)) * matrix)
+    return SVD_WORKSPACE * largest
+
+
+def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: str) -> Plan:
+    """The plan of a built (meta) run: its components, then its phases."""
+    weights, scales = stored_bytes(model)
+    states = [state_bytes(o) for o in inner_optimizers(optimizer).values()]
+    inner, projected = sum(s[0] for s in states), sum(s[1] for s in states)
+    side = side_buffer_bytes(optimizer)
+    resident = weights + scales + inner + projected + side
+    per_layer = getattr(cfg.optim, "per_layer", False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    every_grad = sum(tensor_bytes(p) for p in trainable)
+    # per-layer: a tensor's gradient is consumed by its hook and freed at once
+    grads = max((tensor_bytes(p) for p in trainable), default=0) if per_layer else every_grad
+    held = every_grad if cfg.train.grad_accum > 1 and not per_layer else 0  # across micro-batches
+    acts = activations(model, cfg, precision, cfg.train.batch_size)
+    # the loss holds the logits and their fp32 copy (forward) or two fp32 T x V gradients
+    # (the start of backward) beside the saved log-softmax
+    loss_temp = 2 * acts.logits
+    # a step forms one full-shape fp32 direction and one more fp32 tensor of that shape
+    # (Adam's denominator, a dequantized weight), one tensor at a time
+    step_temp = 2 * FP32 * numel_of_largest(trained_tensors(optimizer))
+    refresh = refresh_workspace(optimizer)
+    # backward, layer by layer from the top: the gradients so far beside the activations left
+    layer_grads = [
+        0 if per_layer else sum(tensor_bytes(p) for p in layer.parameters() if p.requires_grad)
+        for layer in model.model.layers
+    ]
+    so_far, walk = grads - sum(layer_grads), 0
+    for k in reversed(range(len(acts.layers))):
+        so_far += layer_grads[k]
+        recompute = acts.layer_full[k] if cfg.model.gradient_checkpointing else 0
+        walk = max(walk, so_far + sum(acts.layers[: k + 1]) + recompute)
+    during_backward = acts.total if per_layer else 0  # per-layer steps run inside backward
+    phases = {
+        "forward": resident + held + acts.total + loss_temp,
+        "backward": resident + max(held + acts.total + loss_temp, walk),
+        "optimizer_step": resident + grads + step_temp + during_backward,
+        "refresh": resident + grads + refresh + during_backward,
+    }
+    components = {
+        "weights": weights,
+        "gradients": grads + side,
+        "optimizer_states": inner,
+        "projector": projected,
+        "quant_scales": scales,
+        "activations": acts.total,
+        "temporary": max(loss_temp, step_temp, refresh),
+        "cuda_context": CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+    }
+    slack = ALLOCATOR_SLACK_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
+    return Plan(device, cfg.memory.cap_gib, components, phases, slack)
+
+
+def planned_vocab_size(cfg: RunConfig) -> int:
+    """The vocabulary a run will have, without building its data: a token cache's (data.cache,
+    or the corpus's cache when it is built), a tokenizer file's, GPT-2's, or the BPE size."""
+    from tokenizers import Tokenizer
+
+    from lowrank_train.data import _bpe_vocab, cache_name
+
+    d = cfg.data
+    cache = Path(d.cache) if d.cache else Path(d.cache_dir) / cache_name(d, cfg.model.preset)
+    if (cache / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(cache / "tokenizer.json")).get_vocab_size()
+    if d.tokenizer == "gpt2":
+        return GPT2_VOCAB
+    if d.tokenizer != "bpe":
+        return Tokenizer.from_file(d.tokenizer).get_vocab_size()
+    return _bpe_vocab(d, cfg.model.preset)
+
+
+GPT2_VOCAB = 50257
+
+
+def plan_run(
+    cfg: RunConfig,
+    device: torch.device | str,
+    vocab_size: int | None = None,
+    world_size: int = 1,
+    suggest: bool = True,
+) -> Plan:
+    """The plan of `cfg` on `device` (cpu | cuda; the machine may be another), from a meta build
+    by `trainer.build_run`. With `suggest` and a plan above the cap, the changes that would
+    make it fit better, each with what the re-run planner says it saves."""
+    from lowrank_train.trainer import build_run  # lazily: the trainer imports this module
+
+    device = torch.device(device)
+    precision = resolve_precision(cfg.model, device)
+    vocab = vocab_size or planned_vocab_size(cfg)
+    # the meta build takes the dtype the target device resolves to, not the meta device's
+    dtype = str(precision.dtype).removeprefix("torch.")
+    meta_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+    built = build_run(meta_cfg, vocab, torch.device("meta"), world_size)
+    plan = plan_built(built.model, built.optimizer, cfg, precision, device.type)
+    if suggest and not plan.fits:
+        plan.suggestions = suggestions(cfg, device, vocab, world_size, plan)
+    return plan
+
+
+def candidate_changes(cfg: RunConfig) -> list[dict[str, object]]:
+    """Settings that lower memory without changing what a step computes (a smaller micro-batch
+    keeps the tokens per step through grad_accum), or with a documented approximation (8-bit
+    moments)."""
+    out: list[dict[str, object]] = []
+    if not cfg.model.gradient_checkpointing:
+        out.append({"model.gradient_checkpointing": True})
+    if not getattr(cfg.optim, "per_layer", False):
+        out.append({"optim.per_layer": True})
+    if cfg.train.batch_size > 1:
+        half = cfg.train.batch_size // 2
+        accum = cfg.train.grad_accum * cfg.train.batch_size // half
+        if half * accum == cfg.train.batch_size * cfg.train.grad_accum:
+            out.append({"train.batch_size": half, "train.grad_accum": accum})
+    if cfg.optim.name == "adamw":
+        out.append({"optim.name": "adamw8bit"})
+    if cfg.optim.state_dtype != "int8":
+        out.append({"optim.state_dtype": "int8"})
+    return out
+
+
+def with_changes(cfg: RunConfig, changes: dict[str, object]) -> RunConfig:
+    """A copy of cfg with dotted keys set (sections copied, never shared)."""
+    cfg = dataclasses.replace(cfg)
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **{key: value}))
+    return cfg
+
+
+def suggestions(
+    cfg: RunConfig, device: torch.device, vocab: int, world_size: int, base: Plan
+) -> list[str]:
+    """Each candidate change that saves memory, re-planned, largest saving first; a change the
+    builder refuses for this run (a ConfigError) is no suggestion."""
+    found = []
+    for changes in candidate_changes(cfg):
+        try:
+            plan = plan_run(with_changes(cfg, changes), device, vocab, world_size, suggest=False)
+        except ConfigError:
+            continue
+        saved = base.total_bytes - plan.total_bytes
+        if saved > 0:
+            keys = " ".join(
+                f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()
+            )
+            found.append((saved, f"{keys} saves {saved / GIB:.2f} GiB"))
+    return [text for _, text in sorted(found, reverse=True)]

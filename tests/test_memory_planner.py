@@ -1,0 +1,209 @@
+"""The memory planner against the bytes of real tensors on the tiny model (CPU), for every
+accepted combination of the registries; its activation formula against the tensors autograd
+saves; `estimate`'s JSON and suggestions; and out of memory in `train` as one line, exit 4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from projector_cases import cli, metrics
+from test_plug_points import SUPPORTED, tiny_method
+
+from lowrank_train import trainer as trainer_module
+from lowrank_train.checkpoint import find_latest
+from lowrank_train.cli import main
+from lowrank_train.evaluation import causal_lm_loss, compute_context
+from lowrank_train.planner import GIB, inner_optimizers, plan_run, with_changes
+from lowrank_train.precision import resolve_precision
+from lowrank_train.resolve import load_run
+from lowrank_train.trainer import build_run
+
+CPU = torch.device("cpu")
+VOCAB = 512
+
+
+def covering() -> list[tuple[str, str, str]]:
+    """Accepted combinations naming every registered parameterization, projector and inner
+    optimizer at least once (the whole matrix would not fit the suite's budget)."""
+    chosen, seen = [], set()
+    for combo in SUPPORTED:
+        if set(enumerate(combo)) - seen:
+            seen |= set(enumerate(combo))
+            chosen.append(combo)
+    return chosen
+
+
+COVERING = pytest.mark.parametrize(
+    "weights, projector, optimizer", covering(), ids=["+".join(c) for c in covering()]
+)
+
+
+class Storage:
+    """Bytes of distinct storages: views and shared tensors (bitsandbytes' maps) count once."""
+
+    def __init__(self, exclude=()):
+        self.seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self.bytes = 0
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+
+def state_tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from state_tensors(v)
+    elif isinstance(state, list | tuple):
+        for v in state:
+            yield from state_tensors(v)
+
+
+def one_step(cfg):
+    """The run built for real on the CPU, after one forward, backward and optimizer step;
+    returns (built, bytes of the gradients the step consumed)."""
+    built = build_run(cfg, VOCAB, CPU)
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
+    grads = Storage()
+    for g in built.optimizer.gradients():
+        grads.add(g)
+    built.optimizer.step()
+    return built, grads.bytes
+
+
+@COVERING
+def test_stored_gradient_and_state_bytes_are_exact(tiny_run, weights, projector, optimizer):
+    # hidden 128: the 128 x 176 MLP matrices reach bitsandbytes' 4096-element 8-bit threshold
+    cfg, _ = load_run(
+        tiny_run(), [*tiny_method(weights, projector, optimizer), "model.hidden_size=128"]
+    )
+    plan = plan_run(cfg, "cpu", VOCAB)
+    built, grad_bytes = one_step(cfg)
+    model = Storage()
+    for t in [*built.model.parameters(), *built.model.buffers()]:
+        model.add(t)
+    state = Storage()
+    for opt in inner_optimizers(built.optimizer).values():
+        for per_tensor in opt.state.values():
+            for t in state_tensors(per_tensor):
+                state.add(t)
+    c = plan.components
+    side = c["gradients"] - sum(p.numel() * p.element_size() for p in built.model.parameters())
+    assert c["weights"] + c["quant_scales"] + side == model.bytes  # side buffers are buffers
+    assert c["gradients"] == grad_bytes
+    assert c["optimizer_states"] + c["projector"] == state.bytes
+    # and a plan for the GPU (bf16 storage) of the same run, from the same meta build
+    gpu = plan_run(cfg, "cuda", VOCAB)
+    assert gpu.components["weights"] < c["weights"] and gpu.components["cuda_context"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.autocast=bfloat16"],
+        ["model.dtype=bfloat16", "model.autocast=off"],
+        ["model.gradient_checkpointing=true"],
+        ["model.gradient_checkpointing=true", "model.autocast=bfloat16"],
+        ["weights.name=lowrank", "weights.rank=16"],
+        ["weights.name=lowrank", "weights.rank=16", "weights.activation=silu"],
+    ],
+    ids=["fp32", "autocast", "bf16", "checkpointing", "checkpointing+autocast", "lowrank", "cola"],
+)
+def test_activations_equal_the_bytes_autograd_saves(tiny_run, overrides):
+    """Exact, not within a tolerance: on the CPU the formula is the saved set itself (SDPA runs
+    torch's flash CPU kernel: no s x s matrix), counted once per storage, weights excluded."""
+    cfg, _ = load_run(tiny_run(), overrides)
+    plan = plan_run(cfg, "cpu", VOCAB)
+    model = build_run(cfg, VOCAB, CPU).model
+    saved = Storage(exclude=[*model.parameters(), *model.buffers()])
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    with (
+        torch.autograd.graph.saved_tensors_hooks(saved.add, lambda t: t),
+        compute_context(CPU, resolve_precision(cfg.model, CPU).autocast),
+    ):
+        causal_lm_loss(model, x[:, :-1], x[:, 1:])
+    assert plan.components["activations"] == saved.bytes
+
+
+def test_per_layer_plans_one_gradient_at_a_time(tiny_run):
+    cfg, _ = load_run(tiny_run(), ["train.clip_grad_norm=0"])
+    whole = plan_run(cfg, "cuda", VOCAB)
+    per_layer = plan_run(with_changes(cfg, {"optim.per_layer": True}), "cuda", VOCAB)
+    model = build_run(
+        with_changes(cfg, {"model.dtype": "bfloat16"}), VOCAB, torch.device("meta")
+    ).model
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    assert whole.components["gradients"] == sum(sizes)
+    assert per_layer.components["gradients"] == max(sizes)  # the embedding's, here
+
+
+def test_estimate_prints_the_json_and_suggestions_that_re_plan(tiny_run, capsys):
+    path = tiny_run("big", {"train": {"batch_size": 8}})
+    assert main(["estimate", str(path), "--device", "cuda", "--json", "memory.cap_gib=0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["components"]) == {
+        "weights", "gradients", "optimizer_states", "projector", "quant_scales",
+        "activations", "temporary", "cuda_context",
+    }  # fmt: skip
+    assert out["device"] == "cuda" and out["cap_gib"] == 0.5 and out["fits"] is False
+    assert (
+        out["total_bytes"]
+        == max(out["phases"].values()) + out["slack_bytes"] + out["components"]["cuda_context"]
+    )
+    assert "eager" in out["activations"]
+    cfg, _ = load_run(path, ["memory.cap_gib=0.5"])
+    base = plan_run(cfg, "cuda", suggest=False).total_bytes
+    ckpt = plan_run(with_changes(cfg, {"model.gradient_checkpointing": True}), "cuda").total_bytes
+    want = f"model.gradient_checkpointing=true saves {(base - ckpt) / GIB:.2f} GiB"
+    assert want in out["suggestions"], out["suggestions"]
+    assert any(
+        s.startswith("train.batch_size=4 train.grad_accum=2 saves") for s in out["suggestions"]
+    )
+    assert main(["estimate", str(path), "--device", "cpu"]) == 0
+    assert "planned" in capsys.readouterr().out
+
+
+def test_estimate_bad_key_is_one_line_exit_2(tiny_run, capsys):
+    assert main(["estimate", str(tiny_run()), "model.gradient_checkpointin=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.gradient_checkpointin" in err
+
+
+def test_train_records_the_plan_beside_the_peak(tiny_run):
+    path = tiny_run("planned", {"train": {"steps": 3}})
+    assert cli(path) == 0
+    summary = json.loads((path.parent / "runs" / "planned" / "summary.json").read_text())
+    assert 0 < summary["planned_gib"] and summary["peak_gib"] > 0
+
+
+def test_out_of_memory_is_one_line_exit_4_and_keeps_the_last_checkpoint(
+    tiny_run, monkeypatch, capsys
+):
+    step = trainer_module.Trainer.step
+
+    def step_until_7(self, clip):
+        if self.progress.step == 6:  # the 7th step runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(self, clip)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_until_7)
+    path = tiny_run("oom", {"checkpoint": {"every": 3}})
+    assert cli(path) == 4
+    lines = [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line]
+    assert len(lines) == 1, lines
+    assert "in step 7" in lines[0] and "planned" in lines[0] and "weights" in lines[0]
+    assert "try model.gradient_checkpointing=true saves" in lines[0]
+    ckpts = path.parent / "runs" / "oom" / "checkpoints"
+    latest, skipped = find_latest(ckpts)
+    assert latest.name == "step-00000006" and not skipped
+    assert sorted(p.name for p in ckpts.glob("step-*"))[-1] == "step-00000006"
+    assert max(m["step"] for m in metrics(path.parent / "runs" / "oom") if "loss" in m) == 6
