@@ -95,7 +95,9 @@ class TrainConfig:
     seed: int = knob(0, "seed of the init, the data order and every method's randomness")
     device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when available")
     compile: bool = knob(
-        False, "torch.compile the forward and loss (the first steps pay the compile)"
+        False,
+        "torch.compile the forward and loss (optim.per_layer: each decoder layer; the first "
+        "steps pay the compile)",
     )
 
 
@@ -169,7 +171,7 @@ class OptimConfig:
     betas: tuple[float, float] = knob((0.9, 0.999), "Adam betas")
     eps: float = knob(1e-8, "Adam epsilon")
     per_layer: bool = knob(
-        False, "step each tensor inside backward (refused until per-layer updates land)"
+        False, "step each tensor inside backward and free its gradient (needs clip_grad_norm=0)"
     )
     state_dtype: Literal["auto", "float32", "bfloat16", "int8"] = knob(
         "auto", "moments of lowrank-train's own Adam (projected and quantized tensors)"
@@ -497,10 +499,11 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
         fail("optim.eps", f"{cfg.optim.eps} must be positive")
     if cfg.optim.weight_decay < 0:
         fail("optim.weight_decay", f"{cfg.optim.weight_decay} must be >= 0")
-    if cfg.optim.per_layer:
+    if cfg.optim.per_layer and t.clip_grad_norm > 0:
         fail(
-            "optim.per_layer",
-            "true is not available yet: per-layer updates land with their own issue",
+            "train.clip_grad_norm",
+            f"{t.clip_grad_norm} with optim.per_layer=true: each tensor steps inside backward, "
+            "before the global norm is known; set train.clip_grad_norm=0",
         )
 
 

@@ -163,7 +163,8 @@ def test_tokens_as_float_literal(tmp_path):
         (
             {"train": {"steps": 10}},
             ["optim.per_layer=true"],
-            "optim.per_layer: true is not available yet",
+            "train.clip_grad_norm: 1.0 with optim.per_layer=true: each tensor steps inside "
+            "backward, before the global norm is known; set train.clip_grad_norm=0",
         ),
         (
             {"train": {"steps": 10}},

@@ -1,0 +1,211 @@
+"""PerLayerOptimizer: every tensor steps inside backward, from its post-accumulate-grad hook.
+
+The whole-model step holds every gradient until backward ends. Here a tensor is stepped by the
+inner optimizer that owns it as soon as its gradient is complete, and the gradient is freed at
+once, so the gradients of the whole model never exist together (with grad_accum = 1).
+
+Accumulation (grad_accum = k): a tensor keeps accumulating its full gradient in `.grad` over
+its first k - 1 backward passes (the whole-model step's gradient memory, held until the last
+micro-batch) and steps from the hook of its k-th, so the update is the whole-model step's,
+bitwise. A tensor whose gradient is still pending when `step()` runs (one that got no gradient
+in the last micro-batch) is stepped there.
+
+Grad norm: ||g|| = sqrt(sum_i ||g_i||^2) over the per-tensor norms ||g_i|| recorded as the
+hooks fire, in the order of the whole-model step's gradients: the true norm, logged as such.
+Clipping by it is refused (config validation): the first tensors step before the last
+gradients exist.
+
+An exception in a hook (an out-of-memory error midway through backward) leaves some tensors
+stepped and others not; the wrapper then refuses `state_dict()` and `step()`, so that state is
+never checkpointed: the last good checkpoint is the one to resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_train.errors import ConfigError
+from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.parameterizations import ParameterizedLinear
+
+# Per-tensor lists a group may carry beside `params` (ours name each tensor; zip(strict=True)).
+PER_TENSOR_KEYS = ("params", "param_names")
+
+
+def step_subset(optimizer: torch.optim.Optimizer, picked: dict[int, list[int]]) -> None:
+    """`optimizer.step()` over the tensors at `picked` (group index -> positions) alone.
+
+    Every group's per-tensor lists are narrowed for the call and restored after it; the group
+    dicts stay the same objects, so the scheduler's lr reaches the step and `state_dict()`
+    sees the groups unchanged. Works for any optimizer that steps what its groups list
+    (torch, bitsandbytes, ours)."""
+    saved = [{k: g[k] for k in PER_TENSOR_KEYS if k in g} for g in optimizer.param_groups]
+    for index, (group, lists) in enumerate(zip(optimizer.param_groups, saved, strict=True)):
+        keep = picked.get(index, ())
+        for key, values in lists.items():
+            group[key] = [values[i] for i in keep]
+    try:
+        optimizer.step()
+    finally:
+        for group, lists in zip(optimizer.param_groups, saved, strict=True):
+            group.update(lists)
+
+
+class PerLayerOptimizer(torch.optim.Optimizer):
+    """Steps each tensor of a MultiOptimizer from its post-accumulate-grad hook.
+
+    `param_groups` are the inner optimizers' own group dicts (as MultiOptimizer's), so a
+    LambdaLR over this wrapper sets the lr every hook's step reads; `state_dict()` is the inner
+    optimizer's, unchanged (the wrapper holds nothing between steps)."""
+
+    def __init__(self, optimizer: MultiOptimizer, grad_accum: int = 1):
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        # (owner, group index, position) of each tensor, in the order of MultiOptimizer's
+        # gradients(): the grad norm stacks the per-tensor norms in that order.
+        self.where: list[tuple[torch.optim.Optimizer, int, int]] = []
+        self.params: list[torch.Tensor] = []
+        for opt in optimizer.optimizers.values():
+            for g_index, group in enumerate(opt.param_groups):
+                for position, p in enumerate(group["params"]):
+                    self.where.append((opt, g_index, position))
+                    self.params.append(p)
+        super().__init__(self.params, {})
+        self._link()
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.seen = [0] * len(self.params)  # backward passes that reached each tensor this step
+        self.norms: list[torch.Tensor | None] = [None] * len(self.params)
+        self.failed: str | None = None
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._hook)
+
+    def _link(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state  # type: ignore[assignment]
+
+    def _hook(self, param: torch.Tensor) -> None:
+        i = self.index[id(param)]
+        self.seen[i] += 1
+        if self.seen[i] >= self.grad_accum:
+            self._consume([i])
+
+    @torch.no_grad()
+    def _consume(self, indices: list[int]) -> None:
+        """Record each gradient's norm, step the tensors through their owners, free the
+        gradients."""
+        try:
+            by_owner: dict[int, tuple[torch.optim.Optimizer, dict[int, list[int]]]] = {}
+            for i in indices:
+                opt, g_index, position = self.where[i]
+                # one tensor through get_total_norm: the kernel the whole-model norm uses
+                self.norms[i] = torch.nn.utils.get_total_norm([self.params[i].grad])
+                picked = by_owner.setdefault(id(opt), (opt, {}))[1]
+                picked.setdefault(g_index, []).append(position)
+            for opt, picked in by_owner.values():
+                step_subset(opt, picked)
+            for i in indices:
+                self.params[i].grad = None
+        except BaseException as e:
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise RuntimeError(
+                f"a per-layer step failed midway ({self.failed}): some tensors were stepped and "
+                "others not, so this state must not be saved; resume from the last checkpoint"
+            )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102  (the hooks did the work; this ends the step)
+        if closure is not None:
+            raise ValueError("PerLayerOptimizer.step takes no closure")
+        self._check()
+        pending = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if pending:
+            self._consume(pending)
+        self.seen = [0] * len(self.params)
+        self.norms = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The global L2 norm of this step's gradients (recorded by the hooks, or read from a
+        gradient still pending); max_norm must be inf: clipping is not possible per layer."""
+        if math.isfinite(max_norm):
+            raise ValueError(
+                "per-layer stepping cannot clip by the global norm (tensors step before it is "
+                "known); set train.clip_grad_norm=0"
+            )
+        norms = [
+            n if n is not None else torch.nn.utils.get_total_norm([p.grad])
+            for n, p in zip(self.norms, self.params, strict=True)
+            if n is not None or p.grad is not None
+        ]
+        return torch.nn.utils.get_total_norm(norms)
+
+    def param_state(self, param: torch.Tensor) -> dict:
+        """The owning inner optimizer's live `state[param]` (MultiOptimizer.param_state)."""
+        return self.optimizer.param_state(param)
+
+    def pop_events(self) -> list[dict]:
+        """The inner events; the refreshes of one step (one per tensor here, each tensor
+        refreshing in its own hook) merge into one, tensors and seconds summed, as the
+        whole-model step logs them."""
+        events: list[dict] = []
+        refresh_of_step: dict[int, dict] = {}
+        for event in self.optimizer.pop_events():
+            if event["event"] == "refresh" and event["step"] in refresh_of_step:
+                merged = refresh_of_step[event["step"]]
+                merged["tensors"] += event["tensors"]
+                merged["seconds"] = round(merged["seconds"] + event["seconds"], 4)
+                continue
+            event = dict(event)
+            if event["event"] == "refresh":
+                refresh_of_step[event["step"]] = event
+            events.append(event)
+        return events
+
+    def state_dict(self) -> dict:
+        self._check()
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._link()  # the inner load put new group dicts in place
+
+
+def check_per_layer(model: nn.Module) -> None:
+    """One-line ConfigErrors for what per-layer stepping cannot do (yet)."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        raise ConfigError(
+            f"optim.per_layer: true with world size {world}: the hooks fire before DDP's "
+            "all-reduce, so each rank would step on its own gradient; run one process or set "
+            "optim.per_layer=false"
+        )
+    quantized = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, ParameterizedLinear) and m.writers()
+    ]
+    if quantized:
+        raise ConfigError(
+            f"optim.per_layer: true with quantized weights ({quantized[0]} and "
+            f"{len(quantized) - 1} more) is not supported yet: their side-buffer gradients have "
+            "no post-accumulate hook; set optim.per_layer=false"
+        )
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer on its own (as torchtitan does), in place (state-dict
+    keys unchanged). A whole-model graph is one autograd node, so every post-accumulate hook
+    would fire at the end of backward and per-layer stepping would save nothing."""
+    for layer in model.model.layers:
+        layer.compile(backend=backend)

@@ -1,0 +1,288 @@
+"""Per-layer updates: every method steps inside backward exactly as the whole-model step does
+(weights, grad norm and state bitwise, accumulation included), gradients are freed as they are
+consumed, hooks interleave with the layers' backward under per-layer compile, resume is
+bitwise, it trains, and what it cannot do is refused in one line."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from projector_cases import (
+    assert_resume_is_bitwise,
+    assert_short_run_learns,
+    cli,
+    metrics,
+)
+
+from lowrank_train.errors import ConfigError
+from lowrank_train.evaluation import causal_lm_loss
+from lowrank_train.models import build_model
+from lowrank_train.optim import build_optimizer
+from lowrank_train.optim import per_layer as per_layer_module
+from lowrank_train.optim.per_layer import PerLayerOptimizer, compile_layers
+from lowrank_train.parameterizations import PARAMETERIZATIONS
+from lowrank_train.projectors import PROJECTORS
+from lowrank_train.resolve import load_run
+from lowrank_train.trainer import Trainer
+
+CPU = torch.device("cpu")
+NO_CLIP = {"train": {"clip_grad_norm": 0.0}}
+LOW_RANK = {"rank": 8, "update_gap": 2}  # refreshes (or resamples) at steps 1 and 3
+
+
+def method_cases() -> list[tuple[str, str, int]]:
+    """(optim.name, projector, grad_accum): both inner optimizers alone and every projector under
+    adamw, accumulating 2 micro-batches; without accumulation, the two mechanisms (torch's
+    step, ours)."""
+    methods = [("adamw", "none"), ("adamw8bit", "none")]
+    methods += [("adamw", name) for name in PROJECTORS.names() if name != "none"]
+    return [(o, p, 2) for o, p in methods] + [("adamw", "none", 1), ("adamw", "galore", 1)]
+
+
+def trainer(tiny_run, name: str, optim: dict, per_layer: bool, accum: int) -> Trainer:
+    extra = {
+        "optim": {**optim, "per_layer": per_layer},
+        "train": {"clip_grad_norm": 0.0, "grad_accum": accum},
+    }
+    cfg, _ = load_run(tiny_run(name, extra))
+    return Trainer(cfg)
+
+
+def optim_section(optimizer: str, projector: str) -> dict:
+    proj = {"name": projector, **(LOW_RANK if projector != "apollo_mini" else {"update_gap": 2})}
+    return {
+        "name": optimizer,
+        "weight_decay": 0.1,
+        "projector": proj if projector != "none" else {},
+    }
+
+
+@pytest.mark.parametrize("optimizer, projector, accum", method_cases())
+def test_per_layer_equals_the_whole_model_step(tiny_run, optimizer, projector, accum):
+    """Three steps of the loop (through two refreshes) in both modes: the same weights, grad
+    norms, optimizer state and events, bitwise (the hooks step each tensor with the math of
+    the whole-model step; only the refresh timings differ)."""
+    optim = optim_section(optimizer, projector)
+    runs = {}
+    for per_layer in (False, True):
+        t = trainer(tiny_run, f"{projector}_{per_layer}", optim, per_layer, accum)
+        assert isinstance(t.optimizer, PerLayerOptimizer) == per_layer
+        norms, events = [], []
+        for _ in range(3):
+            norms.append(t.step(math.inf)[1])
+            events += t.optimizer.pop_events()
+        runs[per_layer] = (t, norms, events)
+    (whole, whole_norms, whole_events), (layered, layered_norms, layered_events) = (
+        runs[False],
+        runs[True],
+    )
+    for (name, a), b in zip(
+        whole.model.state_dict().items(), layered.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(a, b) for a, b in zip(whole_norms, layered_norms, strict=True))
+    assert_states_equal(whole.optimizer.state_dict(), layered.optimizer.state_dict())
+    strip = lambda events: [{k: v for k, v in e.items() if k != "seconds"} for e in events]  # noqa: E731
+    assert strip(layered_events) == strip(whole_events)
+    if projector in ("galore", "qgalore", "fira"):
+        assert [e["step"] for e in whole_events if e["event"] == "refresh"] == [1, 3]
+
+
+def assert_states_equal(a, b, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_states_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def tiny_per_layer(tiny_run, *overrides: str):
+    cfg, _ = load_run(tiny_run(), ["optim.per_layer=true", "train.clip_grad_norm=0", *overrides])
+    model = build_model(cfg, 512, CPU)
+    return model, build_optimizer(cfg, model, CPU)
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def backward(model, seed: int, accum: int = 1) -> None:
+    x = batch(seed)
+    (causal_lm_loss(model, x[:, :-1], x[:, 1:]) / accum).backward()
+
+
+def live_gradients_at_each_hook(model) -> list[int]:
+    """A list that gets, at each tensor's post-accumulate hook (after the wrapper's), the
+    number of the model's tensors holding a gradient."""
+    params, live = list(model.parameters()), []
+    for p in params:  # registered after the wrapper's hook, so it runs after it
+        p.register_post_accumulate_grad_hook(
+            lambda _: live.append(sum(q.grad is not None for q in params))
+        )
+    return live
+
+
+def test_each_gradient_is_freed_as_soon_as_it_is_consumed(tiny_run):
+    """grad_accum 1: no other gradient exists when a tensor's completes. grad_accum 2: the first
+    backward keeps every full gradient (the documented cost of accumulating); in the last one
+    each is stepped and freed in its own hook."""
+    model, _ = tiny_per_layer(tiny_run)
+    live = live_gradients_at_each_hook(model)
+    backward(model, 0)
+    assert live == [0] * len(list(model.parameters()))
+
+    model, opt = tiny_per_layer(tiny_run, "train.grad_accum=2")
+    params, live = list(model.parameters()), live_gradients_at_each_hook(model)
+    before = [p.detach().clone() for p in params]
+    backward(model, 0, accum=2)
+    assert live[-1] == len(params) and all(p.grad is not None for p in params)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))  # not stepped yet
+    live.clear()
+    backward(model, 1, accum=2)
+    assert live == list(range(len(params) - 1, -1, -1))
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    norm = opt.clip_grad_norm_(math.inf)
+    assert torch.isfinite(norm) and norm > 0
+    opt.step()
+    with pytest.raises(ValueError, match="set train.clip_grad_norm=0"):
+        opt.clip_grad_norm_(1.0)
+
+
+def test_hooks_interleave_with_the_backward_of_separately_compiled_layers(tiny_run):
+    """compile_layers (aot_eager on the CPU): each layer's tensors step before the backward of
+    the layer below begins, so the gradients of the whole model never exist together."""
+    model, _ = tiny_per_layer(tiny_run)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_layers(model, backend="aot_eager")
+    order: list[tuple[str, int]] = []
+    layers = list(model.model.layers)
+    owner = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    for p in model.parameters():
+        if id(p) in owner:
+            p.register_post_accumulate_grad_hook(lambda q: order.append(("step", owner[id(q)])))
+
+    def mark_backward_start(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        index = layers.index(module)
+        hidden.register_hook(lambda g: order.append(("backward", index)))
+
+    probes = [layer.register_forward_hook(mark_backward_start) for layer in layers]
+    backward(model, 0)
+    for probe in probes:
+        probe.remove()
+    per_layer = {i: len(list(layer.parameters())) for i, layer in enumerate(layers)}
+    expected = []
+    for i in reversed(range(len(layers))):
+        expected += [("backward", i)] + [("step", i)] * per_layer[i]
+    assert order == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers ran compiled
+
+
+def test_resume_is_bitwise_in_per_layer_mode_with_accumulation(tiny_run):
+    """GaLore per layer at grad_accum 2, stopped at step 4 and resumed: refreshes at 6 and 11
+    after the resume; same losses, refreshes and weights as the straight run."""
+    extra = {
+        "optim": {"per_layer": True, "projector": {"name": "galore", "rank": 8, "update_gap": 5}},
+        "train": {"clip_grad_norm": 0.0, "grad_accum": 2},
+        "checkpoint": {"every": 4},
+    }
+    assert_resume_is_bitwise(tiny_run, extra, stop_at=4, refreshes=[1, 6, 11])
+
+
+def test_per_layer_trains_and_logs_the_true_grad_norm(tiny_run):
+    extra = {
+        "optim": {"per_layer": True, "projector": {"name": "galore", "rank": 8, "update_gap": 10}},
+        "train": {
+            "steps": 30,
+            "batch_size": 8,
+            "warmup_steps": 5,
+            "lr": 1e-2,
+            "clip_grad_norm": 0.0,
+        },
+    }
+    assert_short_run_learns(tiny_run, "per_layer_learns", extra)
+    lines = metrics(tiny_run("per_layer_learns").parent / "runs" / "per_layer_learns")
+    norms = [m["grad_norm"] for m in lines if "grad_norm" in m]
+    assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms)
+
+
+def test_clipping_with_per_layer_is_refused_in_one_line(tiny_run, capsys):
+    path = tiny_run("clipped", {"optim": {"per_layer": True}})
+    assert cli(path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "train.clip_grad_norm: 1.0 with optim.per_layer=true" in err
+    assert err.endswith("set train.clip_grad_norm=0")
+
+
+def test_world_size_above_one_is_refused_in_one_line(tiny_run):
+    """A real process group of world size 2 (torch's fake backend: one process stands for the
+    rank 0 of two)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    cfg, _ = load_run(tiny_run(), ["optim.per_layer=true", "train.clip_grad_norm=0"])
+    model = build_model(cfg, 512, CPU)
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        with pytest.raises(ConfigError, match=r"^optim.per_layer: true with world size 2: ") as e:
+            build_optimizer(cfg, model, CPU)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(
+    "int8" not in PARAMETERIZATIONS.names(), reason="needs the int8 parameterization"
+)
+def test_quantized_weights_are_refused_in_one_line(tiny_run):
+    cfg, _ = load_run(
+        tiny_run(), ["weights.name=int8", "optim.per_layer=true", "train.clip_grad_norm=0"]
+    )
+    model = build_model(cfg, 512, CPU)
+    with pytest.raises(ConfigError, match=r"^optim.per_layer: true with quantized weights"):
+        build_optimizer(cfg, model, CPU)
+
+
+def test_a_step_that_fails_midway_is_never_saved(tiny_run, monkeypatch):
+    """An out-of-memory error raised from a hook in step 3 (some tensors stepped, others not):
+    the run stops with it, the checkpoints are those of steps 1 and 2, and the wrapper refuses
+    to give its state to any later save."""
+    calls, real = {"n": 0}, per_layer_module.step_subset
+    tensors = 2 * 9 + 3  # 2 layers x (7 Linears + 2 norms) + embeddings, final norm, lm_head
+
+    def failing(optimizer, picked):
+        calls["n"] += 1
+        if calls["n"] == 2 * tensors + 10:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        real(optimizer, picked)
+
+    monkeypatch.setattr(per_layer_module, "step_subset", failing)
+    extra = {
+        "optim": {"per_layer": True},
+        "train": {"clip_grad_norm": 0.0, "steps": 5},
+        "checkpoint": {"every": 1, "keep_last": 5},
+    }
+    cfg, _ = load_run(tiny_run("fails", extra))
+    t = Trainer(cfg)
+    # torch's error, or the loop's one-line report of it (exit code 4): either way, it stops
+    with pytest.raises(Exception, match="out of memory"):
+        t.run()
+    assert t.progress.step == 2
+    assert sorted(p.name for p in cfg.checkpoint_dir.glob("step-*")) == [
+        "step-00000001",
+        "step-00000002",
+    ]
+    with pytest.raises(RuntimeError, match="some tensors were stepped and others not"):
+        t.save(torch.zeros(()))
+    with pytest.raises(RuntimeError, match="resume from the last checkpoint"):
+        t.optimizer.step()
