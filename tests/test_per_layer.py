@@ -22,7 +22,6 @@ from lowrank_train.models import build_model
 from lowrank_train.optim import build_optimizer
 from lowrank_train.optim import per_layer as per_layer_module
 from lowrank_train.optim.per_layer import PerLayerOptimizer, compile_layers
-from lowrank_train.parameterizations import PARAMETERIZATIONS
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.resolve import load_run
 from lowrank_train.trainer import Trainer
@@ -32,19 +31,26 @@ NO_CLIP = {"train": {"clip_grad_norm": 0.0}}
 LOW_RANK = {"rank": 8, "update_gap": 2}  # refreshes (or resamples) at steps 1 and 3
 
 
-def method_cases() -> list[tuple[str, str, int]]:
-    """(optim.name, projector, grad_accum): both inner optimizers alone and every projector under
-    adamw, accumulating 2 micro-batches; without accumulation, the two mechanisms (torch's
-    step, ours)."""
+def method_cases() -> list[tuple[str, str, int, str]]:
+    """(optim.name, projector, grad_accum, weights): both inner optimizers alone and every
+    projector under adamw, accumulating 2 micro-batches; without accumulation, the two
+    mechanisms (torch's step, ours); INT8 weights (writers) alone, under GaLore and Q-GaLore."""
     methods = [("adamw", "none"), ("adamw8bit", "none")]
     methods += [("adamw", name) for name in PROJECTORS.names() if name != "none"]
-    return [(o, p, 2) for o, p in methods] + [("adamw", "none", 1), ("adamw", "galore", 1)]
+    return (
+        [(o, p, 2, "dense") for o, p in methods]
+        + [("adamw", "none", 1, "dense"), ("adamw", "galore", 1, "dense")]
+        + [("adamw", p, 2, "int8") for p in ("none", "galore", "qgalore")]
+    )
 
 
-def trainer(tiny_run, name: str, optim: dict, per_layer: bool, accum: int) -> Trainer:
+def trainer(
+    tiny_run, name: str, optim: dict, per_layer: bool, accum: int, weights: str = "dense"
+) -> Trainer:
     extra = {
         "optim": {**optim, "per_layer": per_layer},
         "train": {"clip_grad_norm": 0.0, "grad_accum": accum},
+        "weights": {"name": weights},
     }
     cfg, _ = load_run(tiny_run(name, extra))
     return Trainer(cfg)
@@ -59,15 +65,15 @@ def optim_section(optimizer: str, projector: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("optimizer, projector, accum", method_cases())
-def test_per_layer_equals_the_whole_model_step(tiny_run, optimizer, projector, accum):
+@pytest.mark.parametrize("optimizer, projector, accum, weights", method_cases())
+def test_per_layer_equals_the_whole_model_step(tiny_run, optimizer, projector, accum, weights):
     """Three steps of the loop (through two refreshes) in both modes: the same weights, grad
     norms, optimizer state and events, bitwise (the hooks step each tensor with the math of
     the whole-model step; only the refresh timings differ)."""
     optim = optim_section(optimizer, projector)
     runs = {}
     for per_layer in (False, True):
-        t = trainer(tiny_run, f"{projector}_{per_layer}", optim, per_layer, accum)
+        t = trainer(tiny_run, f"{projector}_{per_layer}", optim, per_layer, accum, weights)
         assert isinstance(t.optimizer, PerLayerOptimizer) == per_layer
         norms, events = [], []
         for _ in range(3):
@@ -241,16 +247,28 @@ def test_world_size_above_one_is_refused_in_one_line(tiny_run):
     assert len(str(e.value).splitlines()) == 1
 
 
-@pytest.mark.skipif(
-    "int8" not in PARAMETERIZATIONS.names(), reason="needs the int8 parameterization"
-)
-def test_quantized_weights_are_refused_in_one_line(tiny_run):
-    cfg, _ = load_run(
-        tiny_run(), ["weights.name=int8", "optim.per_layer=true", "train.clip_grad_norm=0"]
-    )
-    model = build_model(cfg, 512, CPU)
-    with pytest.raises(ConfigError, match=r"^optim.per_layer: true with quantized weights"):
-        build_optimizer(cfg, model, CPU)
+def test_int8_writers_step_from_their_layers_input_norm_hook(tiny_run):
+    """A decoder layer's INT8 codes change when its input norm's gradient completes: layer 1's
+    while layer 0's backward has not run, layer 0's in its own norm's hook."""
+    model, _ = tiny_per_layer(tiny_run, "weights.name=int8")
+    layers = list(model.model.layers)
+    codes = [[m.codes for m in layer.modules() if hasattr(m, "codes")] for layer in layers]
+    assert all(len(c) == 7 for c in codes)
+    before = [[c.clone() for c in layer] for layer in codes]
+    changed = lambda i: [not torch.equal(c, b) for c, b in zip(codes[i], before[i], strict=True)]  # noqa: E731
+    seen = {}
+
+    def record(i: int):
+        def hook(_) -> None:
+            seen[i] = (changed(0), changed(1))
+
+        return hook
+
+    for i, layer in enumerate(layers):  # after the wrapper's hook on the same tensor
+        layer.input_layernorm.weight.register_post_accumulate_grad_hook(record(i))
+    backward(model, 0)
+    assert seen[1] == ([False] * 7, [True] * 7)
+    assert seen[0] == ([True] * 7, [True] * 7)
 
 
 def test_a_step_that_fails_midway_is_never_saved(tiny_run, monkeypatch):

@@ -171,8 +171,8 @@ def build_optimizer(
         )
     check_ownership(model, optimizer)
     if cfg.optim.per_layer:
-        check_per_layer(model)
-        return PerLayerOptimizer(optimizer, cfg.train.grad_accum)
+        check_per_layer()
+        return PerLayerOptimizer(optimizer, model, cfg.train.grad_accum)
     return optimizer
 
 

@@ -10,6 +10,12 @@ micro-batch) and steps from the hook of its k-th, so the update is the whole-mod
 bitwise. A tensor whose gradient is still pending when `step()` runs (one that got no gradient
 in the last micro-batch) is stepped there.
 
+Quantized weights (writers) have no post-accumulate hook: their side buffers are complete when
+the input norm weight of their decoder layer completes (its gradient needs every Linear of the
+layer), so a layer's writers step from that norm's hook; a writer outside the decoder layers
+steps in `step()`. The side buffers stay allocated (the layers' backward adds into them) and
+are zeroed by `zero_grad`.
+
 Grad norm: ||g|| = sqrt(sum_i ||g_i||^2) over the per-tensor norms ||g_i|| recorded as the
 hooks fire, in the order of the whole-model step's gradients: the true norm, logged as such.
 Clipping by it is refused (config validation): the first tensors step before the last
@@ -29,7 +35,9 @@ from torch import nn
 
 from lowrank_train.errors import ConfigError
 from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
+from lowrank_train.parameterizations.base import Writer
 
 # Per-tensor lists a group may carry beside `params` (ours name each tensor; zip(strict=True)).
 PER_TENSOR_KEYS = ("params", "param_names")
@@ -61,26 +69,55 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     LambdaLR over this wrapper sets the lr every hook's step reads; `state_dict()` is the inner
     optimizer's, unchanged (the wrapper holds nothing between steps)."""
 
-    def __init__(self, optimizer: MultiOptimizer, grad_accum: int = 1):
+    def __init__(self, optimizer: MultiOptimizer, model: nn.Module, grad_accum: int = 1):
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         # (owner, group index, position) of each tensor, in the order of MultiOptimizer's
-        # gradients(): the grad norm stacks the per-tensor norms in that order.
+        # gradients() (each owner's ordinary tensors, then its writers' side buffers): the grad
+        # norm stacks the per-tensor norms in that order.
         self.where: list[tuple[torch.optim.Optimizer, int, int]] = []
         self.params: list[torch.Tensor] = []
+        self.writers: dict[int, Writer] = {}  # index -> writer, for its tensor's side buffer
         for opt in optimizer.optimizers.values():
-            for g_index, group in enumerate(opt.param_groups):
-                for position, p in enumerate(group["params"]):
-                    self.where.append((opt, g_index, position))
-                    self.params.append(p)
+            writers = opt.writers if isinstance(opt, ProjectedOptimizer) else {}
+            at = {
+                id(p): (opt, g_index, position)
+                for g_index, group in enumerate(opt.param_groups)
+                for position, p in enumerate(group["params"])
+            }
+            ordinary = [p for g in opt.param_groups for p in g["params"] if p not in writers]
+            for p in ordinary + list(writers):
+                if p in writers:
+                    self.writers[len(self.params)] = writers[p]
+                self.where.append(at[id(p)])
+                self.params.append(p)
         super().__init__(self.params, {})
         self._link()
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.seen = [0] * len(self.params)  # backward passes that reached each tensor this step
+        self.done = [False] * len(self.params)  # stepped this step
         self.norms: list[torch.Tensor | None] = [None] * len(self.params)
         self.failed: str | None = None
-        for p in self.params:
-            p.register_post_accumulate_grad_hook(self._hook)
+        self.triggers = self._writer_triggers(model)
+        for i, p in enumerate(self.params):
+            if i not in self.writers:
+                p.register_post_accumulate_grad_hook(self._hook)
+
+    def _writer_triggers(self, model: nn.Module) -> dict[int, list[int]]:
+        """Index of each decoder layer's input norm weight -> indices of that layer's writer
+        tensors, which step from the norm's hook."""
+        triggers: dict[int, list[int]] = {}
+        for layer in model.model.layers:
+            norm = self.index.get(id(layer.input_layernorm.weight))
+            tensors = [
+                self.index[id(w.tensor)]
+                for m in layer.modules()
+                if isinstance(m, ParameterizedLinear)
+                for w in m.writers().values()
+            ]
+            if tensors and norm is not None:
+                triggers[norm] = tensors
+        return triggers
 
     def _link(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -90,24 +127,31 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         i = self.index[id(param)]
         self.seen[i] += 1
         if self.seen[i] >= self.grad_accum:
-            self._consume([i])
+            self._consume([i, *self.triggers.get(i, ())])
+
+    def _grad(self, i: int) -> torch.Tensor | None:
+        """Tensor i's gradient: `.grad`, or its writer's side buffer."""
+        writer = self.writers.get(i)
+        return writer.grad if writer is not None else self.params[i].grad
 
     @torch.no_grad()
     def _consume(self, indices: list[int]) -> None:
         """Record each gradient's norm, step the tensors through their owners, free the
-        gradients."""
+        gradients (side buffers stay: zero_grad zeroes them)."""
         try:
             by_owner: dict[int, tuple[torch.optim.Optimizer, dict[int, list[int]]]] = {}
             for i in indices:
                 opt, g_index, position = self.where[i]
                 # one tensor through get_total_norm: the kernel the whole-model norm uses
-                self.norms[i] = torch.nn.utils.get_total_norm([self.params[i].grad])
+                self.norms[i] = torch.nn.utils.get_total_norm([self._grad(i)])
                 picked = by_owner.setdefault(id(opt), (opt, {}))[1]
                 picked.setdefault(g_index, []).append(position)
             for opt, picked in by_owner.values():
                 step_subset(opt, picked)
             for i in indices:
-                self.params[i].grad = None
+                self.done[i] = True
+                if i not in self.writers:
+                    self.params[i].grad = None
         except BaseException as e:
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise
@@ -124,11 +168,16 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("PerLayerOptimizer.step takes no closure")
         self._check()
-        pending = [i for i, p in enumerate(self.params) if p.grad is not None]
+        pending = [i for i in range(len(self.params)) if self._pending(i)]
         if pending:
             self._consume(pending)
         self.seen = [0] * len(self.params)
+        self.done = [False] * len(self.params)
         self.norms = [None] * len(self.params)
+
+    def _pending(self, i: int) -> bool:
+        """Not stepped yet this step, with a gradient to step (a writer always has one)."""
+        return not self.done[i] and self._grad(i) is not None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -143,9 +192,9 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 "known); set train.clip_grad_norm=0"
             )
         norms = [
-            n if n is not None else torch.nn.utils.get_total_norm([p.grad])
-            for n, p in zip(self.norms, self.params, strict=True)
-            if n is not None or p.grad is not None
+            self.norms[i] if self.done[i] else torch.nn.utils.get_total_norm([self._grad(i)])
+            for i in range(len(self.params))
+            if self.done[i] or self._pending(i)
         ]
         return torch.nn.utils.get_total_norm(norms)
 
@@ -180,8 +229,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._link()  # the inner load put new group dicts in place
 
 
-def check_per_layer(model: nn.Module) -> None:
-    """One-line ConfigErrors for what per-layer stepping cannot do (yet)."""
+def check_per_layer() -> None:
+    """A one-line ConfigError where per-layer stepping would be wrong: world size > 1."""
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
@@ -189,17 +238,6 @@ def check_per_layer(model: nn.Module) -> None:
             f"optim.per_layer: true with world size {world}: the hooks fire before DDP's "
             "all-reduce, so each rank would step on its own gradient; run one process or set "
             "optim.per_layer=false"
-        )
-    quantized = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, ParameterizedLinear) and m.writers()
-    ]
-    if quantized:
-        raise ConfigError(
-            f"optim.per_layer: true with quantized weights ({quantized[0]} and "
-            f"{len(quantized) - 1} more) is not supported yet: their side-buffer gradients have "
-            "no post-accumulate hook; set optim.per_layer=false"
         )
 
 
