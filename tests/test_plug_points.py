@@ -298,7 +298,12 @@ def test_methods_command_lists_the_registries_and_the_accepted_matrix(capsys, mo
 
 # fp32 logits: dense W in both (1e-6), or s B (A x) against (s B A) x, another rounding order
 @pytest.mark.parametrize(
-    "weights, atol", [({"name": "dense"}, 1e-6), ({"name": "lowrank", "rank": 16}, 1e-5)]
+    "weights, atol",
+    [
+        ({"name": "dense"}, 1e-6),
+        ({"name": "lowrank", "rank": 16}, 1e-5),
+        ({"name": "loqt", "rank": 16}, 1e-5),
+    ],
 )
 def test_export_round_trip_gives_the_same_logits(tiny_run, tmp_path, weights, atol):
     path = tiny_run("export", {"train": {"steps": 4}, "weights": weights})
