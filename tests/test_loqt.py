@@ -282,24 +282,25 @@ def test_more_than_one_process_is_refused(tiny_run, capsys, monkeypatch):
 
 
 def test_loqt_learns_on_real_text(tiny_run):
-    assert_short_run_learns(
-        tiny_run, "loqt", {"weights": {"name": "loqt", "rank": 16, "update_gap": 10}}
-    )
+    """30 steps through the merges at step indices 0 and 15."""
+    weights = {"name": "loqt", "rank": 16, "update_gap": 15, "compensation_iterations": 2}
+    assert_short_run_learns(tiny_run, "loqt", {"weights": weights})
 
 
 def test_loqt_resumes_bitwise_through_merges(tiny_run):
-    """Captures at step indices 0, 3 and 7: the checkpoint at step 3 is saved with the capture
-    of index 3 pending (grad buffer allocated), so the resumed run must rebuild it."""
+    """Captures at step indices 0 and 4: the checkpoint at step 4 is saved with the capture of
+    index 4 pending (grad buffer allocated), so the resumed run must rebuild it and merge."""
     extra = {
-        "weights": {"name": "loqt", "rank": 16, "update_gap": 3},
-        "train": {"steps": 8},
-        "checkpoint": {"every": 3},
+        "weights": {"name": "loqt", "rank": 16, "update_gap": 4, "compensation_iterations": 2},
+        "train": {"steps": 6},
+        "checkpoint": {"every": 4},
     }
-    straight, split = assert_resume_is_bitwise(tiny_run, extra, stop_at=3)
+    straight, split = assert_resume_is_bitwise(tiny_run, extra, stop_at=4)
     merges = [
         [(e["step"], e["layer"], e["error"]) for e in metrics(d) if e.get("event") == "merge"]
         for d in (straight, split)
     ]
-    assert merges[0] == merges[1] and sorted({s for s, _, _ in merges[0]}) == [1, 4, 8]
+    assert merges[0] == merges[1] and sorted({s for s, _, _ in merges[0]}) == [1, 5]
+    assert all(error > 0 for s, _, error in merges[0] if s == 5)  # a real re-quantization
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["final_val_loss"] < math.log(512), summary
