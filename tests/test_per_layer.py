@@ -22,6 +22,7 @@ from lowrank_train.models import build_model
 from lowrank_train.optim import build_optimizer
 from lowrank_train.optim import per_layer as per_layer_module
 from lowrank_train.optim.per_layer import PerLayerOptimizer, compile_layers
+from lowrank_train.parameterizations import PARAMETERIZATIONS
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.resolve import load_run
 from lowrank_train.trainer import Trainer
@@ -30,16 +31,24 @@ CPU = torch.device("cpu")
 LOW_RANK = {"rank": 8, "update_gap": 2}  # refreshes (or resamples) at steps 1 and 3
 
 
+# Each parameterization's keys at the tiny model's size (rank 8 of 64); loqt merges at step 2.
+WEIGHTS = {"dense": {}, "int8": {}, "loqt": {"rank": 8, "update_gap": 2}}
+WEIGHTS |= {name: {"rank": 8} for name in ("lowrank", "sltrain", "lost")}
+
+
 def method_cases() -> list[tuple[str, str, int, str]]:
     """(optim.name, projector, grad_accum, weights): both inner optimizers alone and every
     projector under adamw, accumulating 2 micro-batches; without accumulation, the two
-    mechanisms (torch's step, ours); INT8 weights (writers) alone, under GaLore and Q-GaLore."""
+    mechanisms (torch's step, ours); every other parameterization under adamw, INT8 (writers)
+    also under GaLore and Q-GaLore."""
     methods = [("adamw", "none"), ("adamw8bit", "none")]
     methods += [("adamw", name) for name in PROJECTORS.names() if name != "none"]
+    others = [name for name in PARAMETERIZATIONS.names() if name != "dense"]
     return (
         [(o, p, 2, "dense") for o, p in methods]
         + [("adamw", "none", 1, "dense"), ("adamw", "galore", 1, "dense")]
-        + [("adamw", p, 2, "int8") for p in ("none", "galore", "qgalore")]
+        + [("adamw", "none", 2, name) for name in others]
+        + [("adamw", p, 2, "int8") for p in ("galore", "qgalore")]
     )
 
 
@@ -49,7 +58,7 @@ def trainer(
     extra = {
         "optim": {**optim, "per_layer": per_layer},
         "train": {"clip_grad_norm": 0.0, "grad_accum": accum},
-        "weights": {"name": weights},
+        "weights": {"name": weights, **WEIGHTS[weights]},
     }
     cfg, _ = load_run(tiny_run(name, extra))
     return Trainer(cfg)
