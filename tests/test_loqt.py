@@ -50,14 +50,15 @@ def w_fp64(layer: LoQTLinear) -> torch.Tensor:
     return w + layer.options.scale * (f @ p if layer.factor_left else p @ f)
 
 
-def make(m: int, n: int, **options) -> tuple[LoQTLinear, MultiOptimizer]:
+def make(m: int, n: int, dtype=torch.float32, **options) -> tuple[LoQTLinear, MultiOptimizer]:
     linear = torch.nn.Linear(n, m, bias=True)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         linear.weight.normal_(0.0, 0.02, generator=gen)
         linear.bias.normal_(0.0, 0.1, generator=gen)
     options = {"rank": 4, "update_gap": 2, "scale": 0.5, **options}
-    layer = LoQT(LoQT.Config(**options)).convert(linear, "layer", torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    layer = LoQT(LoQT.Config(**options)).convert(linear, "layer", gen, dtype)
     opt = MultiOptimizer({"adamw": torch.optim.AdamW(layer.parameters(), lr=1e-2)})
     return layer, opt
 
@@ -213,6 +214,22 @@ def test_moments_at_a_merge(moments):
         assert state == {}
     else:
         assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_the_run_dtype_reaches_the_factor_and_bias_only():
+    """bf16 storage: the trained factor and the bias in bf16; codes, fp32 scales (of W and P)
+    and the fp32 grad buffer as they are, through a merge."""
+    layer, opt = make(24, 16, dtype=torch.bfloat16)
+    x = batch(16, 1).detach().bfloat16().requires_grad_()
+    layer(x).float().square().sum().backward()
+    opt.step()
+    layer.after_step(1, opt)
+    assert layer.factor.dtype == layer.bias.dtype == torch.bfloat16
+    assert layer.codes.dtype == layer.p_codes.dtype == torch.uint8
+    assert layer.scales.dtype == layer.p_scales.dtype == torch.float32
+    layer.set_capturing(True)
+    assert layer.grad_buffer.dtype == torch.float32
+    assert layer(x).dtype == torch.bfloat16 and layer.dense_weight().dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -317,12 +317,9 @@ class LoQT(Parameterization):
         )
 
     def convert(
-        self,
-        linear: nn.Linear,
-        name: str,
-        gen: torch.Generator,
-        dtype: torch.dtype = torch.float32,
+        self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
     ) -> LoQTLinear:
+        """W_q from the dense init (scales fp32); the factor, P (unquantized) and bias in dtype."""
         bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
         seed = int(torch.randint(0, 2**62, (), generator=gen))  # the fast finder's draws
         return LoQTLinear(linear.weight.detach(), bias, name, self.options, seed, dtype)
