@@ -8,13 +8,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from projector_cases import assert_resume_is_bitwise, assert_short_run_learns, cli, metrics
 
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.kernels.reference import NF4_CODE
+from lowrank_train.models import build_model
+from lowrank_train.optim import build_optimizer
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.parameterizations import PARAMETERIZATIONS
 from lowrank_train.parameterizations.loqt import LoQTLinear, merge_steps
+from lowrank_train.resolve import load_run
 
 LoQT = PARAMETERIZATIONS.get("loqt")
 GROUP = 64
@@ -296,6 +300,33 @@ def test_more_than_one_process_is_refused(tiny_run, capsys, monkeypatch):
     assert cli(path) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "WORLD_SIZE=2" in err, err
+
+
+def test_per_layer_steps_equal_the_whole_model_step(tiny_run):
+    """optim.per_layer steps the factor inside backward (no hook fires on a capture step, where
+    it has no gradient): 4 steps through the merges at step indices 0 and 2 end bitwise equal."""
+
+    def run(per_layer: str) -> dict[str, torch.Tensor]:
+        overrides = ["weights.name=loqt", "weights.rank=16", "weights.update_gap=2"]
+        overrides += [f"optim.per_layer={per_layer}", "train.clip_grad_norm=0"]
+        cfg, _ = load_run(tiny_run(), overrides)
+        model = build_model(cfg, 512, torch.device("cpu"))
+        opt = build_optimizer(cfg, model, torch.device("cpu"))
+        layers = [m for m in model.modules() if isinstance(m, LoQTLinear)]
+        for step in range(1, 5):
+            ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(step))
+            logits = model(input_ids=ids).logits
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for layer in layers:
+                layer.after_step(step, opt)
+        assert int(layers[0].merges) == 2
+        return model.state_dict()
+
+    whole, per_layer = run("false"), run("true")
+    assert whole.keys() == per_layer.keys()
+    assert all(torch.equal(whole[k], per_layer[k]) for k in whole)
 
 
 def test_loqt_learns_on_real_text(tiny_run):
