@@ -150,7 +150,8 @@ def test_bad_options_are_one_line(tiny_run, capsys, override, expected):
 
 
 def test_lost_learns(tiny_run):
-    assert_short_run_learns(tiny_run, "lost", {"weights": {"name": "lost", "rank": 16}})
+    # 60 steps: at 30 the tiny model ends ~0.06 nat short of the bar, as dense weights do there
+    assert_short_run_learns(tiny_run, "lost", {"weights": {"name": "lost", "rank": 16}}, steps=60)
 
 
 def test_lost_with_silu_trains_resumes_bitwise_and_refuses_export_in_one_line(

@@ -127,3 +127,15 @@ class SLTrain(Parameterization):
                 f"weights.rank: {o.rank} is above the smallest dimension of the targeted layers "
                 f"({smallest}): B A would hold more than the dense W"
             )
+        projector = cfg.optim.projector.name
+        if projector in LIMITED_FROM_THE_FIRST_STEP:
+            raise ConfigError(
+                f"optim.projector.name: {projector} cannot train sltrain's A: B = 0 at init gives "
+                "A a zero first gradient, and APOLLO's norm-growth limiter then holds every later "
+                "update of A to gamma^t times that zero norm"
+            )
+
+
+# Projectors whose limiter bounds every update of a tensor by its first one (research
+# projectors.md 6): with B = 0, A's first gradient is exactly zero, so A would never move.
+LIMITED_FROM_THE_FIRST_STEP = ("apollo", "apollo_mini")
