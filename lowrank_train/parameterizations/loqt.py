@@ -140,10 +140,10 @@ class LoQTLinear(ParameterizedLinear):
         m, n = self.out_features, self.in_features = weight.shape
         self.name, self.seed, self.factor_left = name, seed, n <= m
         quantize = FORMATS[o.format][0]
-        self.register_buffers(quantize(weight, o.group_size), "codes", "scales")
+        self._register_pair(quantize(weight, o.group_size), "codes", "scales")
         zeros = weight.new_zeros((o.rank, n) if self.factor_left else (m, o.rank))
         if o.quantize_projection:
-            self.register_buffers(quantize(zeros, o.group_size), "p_codes", "p_scales")
+            self._register_pair(quantize(zeros, o.group_size), "p_codes", "p_scales")
         else:
             self.register_buffer("projection", zeros.to(dtype))
         # step 0 captures: B = 0 and P = 0 until the first merge fills them
@@ -157,23 +157,25 @@ class LoQTLinear(ParameterizedLinear):
         self.set_capturing(True)
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_schedule())
 
-    def register_buffers(self, tensors: tuple[Tensor, Tensor], *names: str) -> None:
+    def _register_pair(self, tensors: tuple[Tensor, Tensor], *names: str) -> None:
         for key, tensor in zip(names, tensors, strict=True):
             self.register_buffer(key, tensor)
 
     def _sync_schedule(self) -> None:
         """Python copies of the schedule buffers (the per-step check must not sync the device)
-        and the grad buffer as `capturing` says, after every load."""
+        and a fresh grad buffer if `capturing` says so, after every load."""
         self._merges, self._next = int(self.merges), int(self.next_merge)
-        self.set_capturing(bool(self.capturing))
+        capture = bool(self.capturing)
+        self.set_capturing(False)  # drops a buffer holding this process's partial G
+        self.set_capturing(capture)
 
     def set_capturing(self, capture: bool) -> None:
-        """Allocate (zeroed, fp32) or free the grad buffer; the `capturing` buffer follows."""
-        if capture and self.grad_buffer is None:
-            shape = (self.out_features, self.in_features)
-            self.grad_buffer = torch.zeros(shape, device=self.codes.device)
-        elif not capture:
-            self.grad_buffer = None
+        """Allocate (zeroed, fp32) or free the grad buffer; the `capturing` buffer follows.
+        Only a change touches the device (after_step calls this every step)."""
+        if capture == (self.grad_buffer is not None):
+            return
+        shape = (self.out_features, self.in_features)
+        self.grad_buffer = torch.zeros(shape, device=self.codes.device) if capture else None
         self.capturing.fill_(int(capture))
 
     def p_hat(self) -> Tensor:
