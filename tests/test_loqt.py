@@ -205,6 +205,40 @@ def test_a_merge_changes_the_output_by_at_most_the_quantization_error(m, n, fmt)
     assert id(layer.factor) == factor_id  # in place: the optimizer's state stays keyed by it
 
 
+def test_a_non_finite_gradient_skips_the_merge_and_keeps_the_schedule():
+    layer, opt = make(24, 16)
+    captured(layer, opt, 2)
+    kept = {
+        k: v.clone() for k, v in layer.state_dict().items() if k not in ("merges", "next_merge")
+    }
+    layer.grad_buffer[0, 0] = float("nan")
+    (event,) = layer.after_step(3, opt)
+    assert "non-finite" in event["skipped"] and event["next_step"] == 5
+    state = layer.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in kept.items() if k != "capturing")
+    assert layer.grad_buffer is None and int(layer.merges) == 2
+
+
+def test_the_fast_finder_keeps_the_exact_subspace():
+    """svd: fast (randomized, then warm-started from the current P) on a (96, 64) layer at rank
+    4: the share of G's energy its P keeps is within 1% of the exact SVD's, at two merges."""
+    shares = {}
+    for svd in ("exact", "fast"):
+        layer, opt = make(96, 64, svd=svd, quantize_projection=False)  # captures 0, 2, 5
+        done = 0
+        for capture in (2, 5):
+            train(layer, opt, done, capture)
+            backward(layer, batch(64, 50), 50)
+            grad = layer.grad_buffer.double().clone()
+            opt.step()
+            layer.after_step(capture + 1, opt)
+            done = capture + 1
+            p = layer.projection.double()  # (r, in): G's energy in its row space
+            shares[svd, capture] = float((grad @ p.T).square().sum() / grad.square().sum())
+    for capture in (2, 5):
+        assert shares["fast", capture] >= 0.99 * shares["exact", capture], shares
+
+
 @pytest.mark.parametrize("moments", ["reset", "keep"])
 def test_moments_at_a_merge(moments):
     layer, opt = make(24, 16, moments_at_merge=moments)
