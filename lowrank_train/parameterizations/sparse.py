@@ -65,8 +65,10 @@ class _SparseLowRankLinear(torch.autograd.Function):
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The matmuls' dtype: autocast's where it is on (as F.linear would run), else x's."""
-    device = x.device.type  # meta (the planner's structural pass) has no autocast to ask
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    # meta (the planner's structural pass) has no autocast to ask; a plain comparison, since
+    # torch.compile (torch 2.11) cannot trace torch.amp.is_autocast_available
+    device = x.device.type
+    if device != "meta" and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
