@@ -169,7 +169,10 @@ def state_bytes(opt: torch.optim.Optimizer) -> tuple[int, int]:
 
 
 def side_buffer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """The writers' side-buffer gradients (resident buffers of the quantized layers)."""
+    """The writers' side-buffer gradients allocated at once: all of them, or, per layer with
+    grad_accum 1, the per-layer wrapper's peak (the top layer's and two more layers')."""
+    if hasattr(optimizer, "side_buffer_bytes"):
+        return optimizer.side_buffer_bytes()
     return sum(
         tensor_bytes(w.grad)
         for opt in inner_optimizers(optimizer).values()
@@ -308,9 +311,12 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     per_layer = getattr(cfg.optim, "per_layer", False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     every_grad = sum(tensor_bytes(p) for p in trainable)
-    # per-layer: a tensor's gradient is consumed by its hook and freed at once
-    grads = max((tensor_bytes(p) for p in trainable), default=0) if per_layer else every_grad
-    held = every_grad if cfg.train.grad_accum > 1 and not per_layer else 0  # across micro-batches
+    accumulating = cfg.train.grad_accum > 1
+    # per-layer: a tensor's gradient is consumed by its hook and freed at once, except while
+    # accumulating: every full gradient then lives until the last micro-batch, in both modes
+    one_at_a_time = per_layer and not accumulating
+    grads = max((tensor_bytes(p) for p in trainable), default=0) if one_at_a_time else every_grad
+    held = every_grad if accumulating else 0  # across micro-batches
     acts = activations(model, cfg, precision, cfg.train.batch_size)
     # the loss holds the logits and their fp32 copy (forward) or two fp32 T x V gradients
     # (the start of backward) beside the saved log-softmax

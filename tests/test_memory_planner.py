@@ -15,6 +15,7 @@ from lowrank_train import trainer as trainer_module
 from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
 from lowrank_train.evaluation import causal_lm_loss, compute_context
+from lowrank_train.parameterizations.base import storage_allocated
 from lowrank_train.planner import GIB, inner_optimizers, plan_run, with_changes
 from lowrank_train.precision import resolve_precision
 from lowrank_train.resolve import load_run
@@ -144,6 +145,37 @@ def test_per_layer_plans_one_gradient_at_a_time(tiny_run):
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     assert whole.components["gradients"] == sum(sizes)
     assert per_layer.components["gradients"] == max(sizes)  # the embedding's, here
+    # accumulating, every full gradient lives until the last micro-batch in both modes
+    accum = {"optim.per_layer": True, "train.grad_accum": 2}
+    assert plan_run(with_changes(cfg, accum), "cuda", VOCAB).components["gradients"] == sum(sizes)
+
+
+def test_per_layer_int8_plans_the_side_buffers_allocated_at_once(tiny_run):
+    """4 layers at grad_accum 1: the gradients term is the largest gradient plus the peak bytes
+    of allocated side buffers measured at every hook of a real backward (the top layer's and
+    two more); at grad_accum 2 every gradient and every side buffer."""
+    cfg, _ = load_run(
+        tiny_run(),
+        ["train.clip_grad_norm=0", "optim.per_layer=true", "weights.name=int8"]
+        + ["model.num_layers=4"],
+    )
+    built = build_run(cfg, VOCAB, CPU)
+    buffers = [m.weight_grad for m in built.model.modules() if hasattr(m, "weight_grad")]
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    allocated = []
+    for p in built.model.parameters():  # after the wrapper's hook: acquired or released by then
+        p.register_post_accumulate_grad_hook(
+            lambda _: allocated.append(nbytes(b for b in buffers if storage_allocated(b)))
+        )
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
+    params = list(built.model.parameters())
+    assert max(allocated) == 3 * nbytes(buffers) // 4
+    plan = plan_run(cfg, "cpu", VOCAB)
+    assert plan.components["gradients"] == nbytes(params[:1]) + max(allocated)  # the embedding
+    assert max(params, key=lambda p: p.numel()) is params[0]
+    accum = plan_run(with_changes(cfg, {"train.grad_accum": 2}), "cpu", VOCAB)
+    assert accum.components["gradients"] == nbytes(params) + nbytes(buffers)
 
 
 def test_estimate_prints_the_json_and_suggestions_that_re_plan(tiny_run, capsys):

@@ -5,6 +5,7 @@ bitwise, it trains, and what it cannot do is refused in one line."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from projector_cases import (
     metrics,
 )
 
+from lowrank_train import trainer as trainer_module
 from lowrank_train.errors import ConfigError
 from lowrank_train.evaluation import causal_lm_loss
 from lowrank_train.models import build_model
@@ -23,6 +25,7 @@ from lowrank_train.optim import build_optimizer
 from lowrank_train.optim import per_layer as per_layer_module
 from lowrank_train.optim.per_layer import PerLayerOptimizer, compile_layers
 from lowrank_train.parameterizations import PARAMETERIZATIONS
+from lowrank_train.parameterizations.base import storage_allocated
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.resolve import load_run
 from lowrank_train.trainer import Trainer
@@ -39,25 +42,32 @@ WEIGHTS |= {name: {"rank": 8} for name in ("lowrank", "sltrain", "lost")}
 def method_cases() -> list[tuple[str, str, int, str]]:
     """(optim.name, projector, grad_accum, weights): both inner optimizers alone and every
     projector under adamw, accumulating 2 micro-batches; without accumulation, the two
-    mechanisms (torch's step, ours); every other parameterization under adamw, INT8 (writers)
-    also under GaLore and Q-GaLore."""
+    mechanisms (torch's step, ours) and INT8 (its side buffers released and re-acquired);
+    every other parameterization under adamw, INT8 (writers) also under GaLore and Q-GaLore."""
     methods = [("adamw", "none"), ("adamw8bit", "none")]
     methods += [("adamw", name) for name in PROJECTORS.names() if name != "none"]
     others = [name for name in PARAMETERIZATIONS.names() if name != "dense"]
     return (
         [(o, p, 2, "dense") for o, p in methods]
         + [("adamw", "none", 1, "dense"), ("adamw", "galore", 1, "dense")]
+        + [("adamw", "none", 1, "int8")]
         + [("adamw", "none", 2, name) for name in others]
         + [("adamw", p, 2, "int8") for p in ("galore", "qgalore")]
     )
 
 
 def trainer(
-    tiny_run, name: str, optim: dict, per_layer: bool, accum: int, weights: str = "dense"
+    tiny_run,
+    name: str,
+    optim: dict,
+    per_layer: bool,
+    accum: int,
+    weights: str = "dense",
+    train: dict | None = None,
 ) -> Trainer:
     extra = {
         "optim": {**optim, "per_layer": per_layer},
-        "train": {"clip_grad_norm": 0.0, "grad_accum": accum},
+        "train": {"clip_grad_norm": 0.0, "grad_accum": accum, **(train or {})},
         "weights": {"name": weights, **WEIGHTS[weights]},
     }
     cfg, _ = load_run(tiny_run(name, extra))
@@ -78,10 +88,23 @@ def test_per_layer_equals_the_whole_model_step(tiny_run, optimizer, projector, a
     """Three steps of the loop (through two refreshes) in both modes: the same weights, grad
     norms, optimizer state and events, bitwise (the hooks step each tensor with the math of
     the whole-model step; only the refresh timings differ)."""
-    optim = optim_section(optimizer, projector)
+    whole_events = assert_per_layer_equals_the_whole_model_step(
+        tiny_run, optim_section(optimizer, projector), accum, weights
+    )
+    if projector in ("galore", "qgalore", "fira"):
+        assert [e["step"] for e in whole_events if e["event"] == "refresh"] == [1, 3]
+
+
+def assert_per_layer_equals_the_whole_model_step(
+    tiny_run, optim: dict, accum: int, weights: str, per_layer_train: dict | None = None
+) -> list[dict]:
+    """Three steps in each mode (`per_layer_train`: more train keys of the per-layer run):
+    weights, grad norms, optimizer state and untimed events bitwise equal; returns the events."""
     runs = {}
     for per_layer in (False, True):
-        t = trainer(tiny_run, f"{projector}_{per_layer}", optim, per_layer, accum, weights)
+        train = per_layer_train if per_layer else None
+        name = f"{optim['name']}_{optim['projector'].get('name', 'none')}_{per_layer}"
+        t = trainer(tiny_run, name, optim, per_layer, accum, weights, train)
         assert isinstance(t.optimizer, PerLayerOptimizer) == per_layer
         norms, events = [], []
         for _ in range(3):
@@ -99,8 +122,7 @@ def test_per_layer_equals_the_whole_model_step(tiny_run, optimizer, projector, a
     assert all(torch.equal(a, b) for a, b in zip(whole_norms, layered_norms, strict=True))
     assert_states_equal(whole.optimizer.state_dict(), layered.optimizer.state_dict())
     assert untimed(layered_events) == untimed(whole_events)
-    if projector in ("galore", "qgalore", "fira"):
-        assert [e["step"] for e in whole_events if e["event"] == "refresh"] == [1, 3]
+    return whole_events
 
 
 def untimed(events: list[dict]) -> list[dict]:
@@ -190,12 +212,7 @@ def test_hooks_interleave_with_the_backward_of_separately_compiled_layers(tiny_r
                 lambda q: order.append(("stepped" if q.grad is None else "held", owner[id(q)]))
             )
 
-    def mark_backward_start(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        index = layers.index(module)
-        hidden.register_hook(lambda g: order.append(("backward", index)))
-
-    probes = [layer.register_forward_hook(mark_backward_start) for layer in layers]
+    probes = on_backward_start(layers, lambda index: order.append(("backward", index)))
     backward(model, 0)
     for probe in probes:
         probe.remove()
@@ -205,6 +222,18 @@ def test_hooks_interleave_with_the_backward_of_separately_compiled_layers(tiny_r
         expected += [("backward", i)] + [("stepped", i)] * per_layer[i]
     assert order == expected
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the layers ran compiled
+
+
+def on_backward_start(layers, record) -> list:
+    """Forward hooks (returned, to remove) that call record(index) as the backward of each
+    decoder layer starts: a hook on the gradient of the layer's output."""
+
+    def mark(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        index = layers.index(module)
+        hidden.register_hook(lambda g: record(index))
+
+    return [layer.register_forward_hook(mark) for layer in layers]
 
 
 def test_resume_is_bitwise_in_per_layer_mode_with_accumulation(tiny_run):
@@ -317,3 +346,80 @@ def test_a_step_that_fails_midway_is_never_saved(tiny_run, monkeypatch):
         t.save(torch.zeros(()))
     with pytest.raises(RuntimeError, match="resume from the last checkpoint"):
         t.optimizer.step()
+
+
+def side_buffers(model) -> list[list[torch.Tensor]]:
+    """Each decoder layer's INT8 weight-gradient side buffers."""
+    return [[m.weight_grad for m in layer.modules() if hasattr(m, "weight_grad")]
+            for layer in model.model.layers]  # fmt: skip
+
+
+def resident_layers(buffers: list[list[torch.Tensor]]) -> list[int]:
+    """The layers whose side buffers have their memory (all of a layer's, or none of them)."""
+    held = [[storage_allocated(b) for b in layer] for layer in buffers]
+    assert all(len(set(h)) == 1 for h in held), held
+    return [i for i, h in enumerate(held) if h[0]]
+
+
+def test_int8_side_buffers_hold_memory_only_around_their_layers_backward(tiny_run):
+    """4 layers at grad_accum 1, two steps: recorded at every hook and as each layer's backward
+    starts, at most 3 layers' buffers are allocated, the layer in backward always among them
+    (zeroed), and after the step only the top layer's; at grad_accum 2 all stay allocated."""
+    model, opt = tiny_per_layer(tiny_run, "weights.name=int8", "model.num_layers=4")
+    buffers, layers = side_buffers(model), list(model.model.layers)
+    assert resident_layers(buffers) == [3]  # released from the start, as after any step
+    at_hooks, at_backward = [], []
+    for p in model.parameters():  # after the wrapper's hook: acquired or released by then
+        p.register_post_accumulate_grad_hook(lambda _: at_hooks.append(resident_layers(buffers)))
+
+    on_backward_start(
+        layers,
+        lambda i: at_backward.append(
+            (i, resident_layers(buffers), all(not b.any() for b in buffers[i]))
+        ),
+    )
+    for step in range(2):
+        at_hooks.clear(), at_backward.clear()
+        backward(model, step)
+        opt.step()
+        opt.zero_grad()
+        assert max(len(r) for r in at_hooks) == 3 and [1, 2, 3] in at_hooks
+        assert at_backward == [
+            (3, [3], True), (2, [2, 3], True), (1, [1, 3], True), (0, [0, 3], True)
+        ]  # fmt: skip
+        assert resident_layers(buffers) == [3]
+
+    model, opt = tiny_per_layer(
+        tiny_run, "weights.name=int8", "model.num_layers=4", "train.grad_accum=2"
+    )
+    for seed in range(2):
+        backward(model, seed, accum=2)
+        assert resident_layers(side_buffers(model)) == [0, 1, 2, 3]
+
+
+def test_a_released_side_buffer_is_never_read_or_written(tiny_run):
+    """Layer 0's buffers are released after a step: stepping them without a backward, or a
+    backward that skips their re-acquiring, raises a one-line RuntimeError (never touches the
+    freed memory; the op checks outside the traced graph)."""
+    model, opt = tiny_per_layer(tiny_run, "weights.name=int8")
+    with pytest.raises(RuntimeError, match=r"side buffer of model\.layers\.0\.self_attn\.q_proj"):
+        opt.step()
+    model, opt = tiny_per_layer(tiny_run, "weights.name=int8")
+    opt.acquire_at.clear()  # a wrapper whose triggers never fire
+    with pytest.raises(RuntimeError, match=r"side buffer of a quantized layer is released"):
+        backward(model, 0)
+
+
+def test_per_layer_int8_with_compiled_layers_equals_the_whole_model_step(tiny_run, monkeypatch):
+    """train.compile with per_layer compiles each decoder layer (aot_eager on the CPU): the
+    released and re-acquired side buffers are the objects the graphs hold, bitwise the same
+    three steps as the eager whole-model run."""
+    monkeypatch.setattr(
+        trainer_module, "compile_layers", functools.partial(compile_layers, backend="aot_eager")
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert_per_layer_equals_the_whole_model_step(
+        tiny_run, optim_section("adamw", "none"), 1, "int8", {"compile": True}
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1

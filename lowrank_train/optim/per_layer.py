@@ -13,8 +13,20 @@ in the last micro-batch) is stepped there.
 Quantized weights (writers) have no post-accumulate hook: their side buffers are complete when
 the input norm weight of their decoder layer completes (its gradient needs every Linear of the
 layer), so a layer's writers step from that norm's hook; a writer outside the decoder layers
-steps in `step()`. The side buffers stay allocated (the layers' backward adds into them) and
-are zeroed by `zero_grad`.
+steps in `step()`.
+
+Side buffers with grad_accum = 1 hold memory only around their layer's backward: a writer's
+buffer is released (`release_grad`: storage freed, the tensor object kept for the op and the
+compiled graphs) right after it steps, and decoder layer i's buffers are re-acquired, zeroed,
+from the hook of layer i+1's post-attention norm weight, which fires mid-way through layer
+i+1's backward (after its MLP, before its attention), so before layer i's backward can start
+(the same or the next layer's input norm would not be safe: the engine does not order an
+AccumulateGrad hook against the next layer's first op). The top layer's buffers, and writers
+outside the decoder layers, stay allocated. So about three layers' buffers are resident at
+once (the top layer's, the layer in backward and the one below it) instead of all: at 7B in
+bf16, 3 x 0.4 GB instead of 13 GB (2 bytes per INT8 weight). With grad_accum > 1 the buffers
+accumulate across micro-batches, so all stay allocated, as in whole-model mode: 2 bytes per
+INT8 weight in bf16 runs. `zero_grad` zeroes the allocated buffers.
 
 Grad norm: ||g|| = sqrt(sum_i ||g_i||^2) over the per-tensor norms ||g_i|| recorded as the
 hooks fire, in the order of the whole-model step's gradients: the true norm, logged as such.
@@ -37,7 +49,7 @@ from lowrank_train.errors import ConfigError
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
-from lowrank_train.parameterizations.base import Writer
+from lowrank_train.parameterizations.base import Writer, storage_allocated
 
 # Per-tensor lists a group may carry beside `params` (ours name each tensor; zip(strict=True)).
 PER_TENSOR_KEYS = ("params", "param_names")
@@ -98,26 +110,39 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.done = [False] * len(self.params)  # stepped this step
         self.norms: list[torch.Tensor | None] = [None] * len(self.params)
         self.failed: str | None = None
-        self.triggers = self._writer_triggers(model)
+        layer_writers = self._layer_writers(model)
+        self.triggers = {  # input norm weight of a layer -> its writers, stepped in that hook
+            norm: tensors
+            for layer, tensors in zip(model.model.layers, layer_writers, strict=True)
+            if tensors and (norm := self.index.get(id(layer.input_layernorm.weight))) is not None
+        }
+        # grad_accum 1: post-attention norm weight of layer i+1 -> layer i's writers, acquired
+        # in its hook and released once stepped (only layers whose writers have both hooks)
+        self.acquire_at: dict[int, list[int]] = {}
+        if grad_accum == 1:
+            layers = list(model.model.layers)
+            for k in range(len(layers) - 1):
+                at = self.index.get(id(layers[k + 1].post_attention_layernorm.weight))
+                if at is not None and layer_writers[k] in self.triggers.values():
+                    self.acquire_at[at] = layer_writers[k]
+        self.releasing = {i for tensors in self.acquire_at.values() for i in tensors}
+        for i in self.releasing:  # from the first step on (and after a resume) as in any step
+            self.writers[i].release_grad()
         for i, p in enumerate(self.params):
             if i not in self.writers:
                 p.register_post_accumulate_grad_hook(self._hook)
 
-    def _writer_triggers(self, model: nn.Module) -> dict[int, list[int]]:
-        """Index of each decoder layer's input norm weight -> indices of that layer's writer
-        tensors, which step from the norm's hook."""
-        triggers: dict[int, list[int]] = {}
-        for layer in model.model.layers:
-            norm = self.index.get(id(layer.input_layernorm.weight))
-            tensors = [
+    def _layer_writers(self, model: nn.Module) -> list[list[int]]:
+        """Indices of each decoder layer's writer tensors."""
+        return [
+            [
                 self.index[id(w.tensor)]
                 for m in layer.modules()
                 if isinstance(m, ParameterizedLinear)
                 for w in m.writers().values()
             ]
-            if tensors and norm is not None:
-                triggers[norm] = tensors
-        return triggers
+            for layer in model.model.layers
+        ]
 
     def _link(self) -> None:
         self.param_groups = self.optimizer.param_groups
@@ -125,6 +150,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
     def _hook(self, param: torch.Tensor) -> None:
         i = self.index[id(param)]
+        for j in self.acquire_at.get(i, ()):  # the layer below runs its backward next
+            self.writers[j].acquire_grad()
         self.seen[i] += 1
         if self.seen[i] >= self.grad_accum:
             self._consume([i, *self.triggers.get(i, ())])
@@ -137,10 +164,16 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _consume(self, indices: list[int]) -> None:
         """Record each gradient's norm, step the tensors through their owners, free the
-        gradients (side buffers stay: zero_grad zeroes them)."""
+        gradients (`.grad` set to None; a side buffer released where `releasing` says)."""
         try:
             by_owner: dict[int, tuple[torch.optim.Optimizer, dict[int, list[int]]]] = {}
             for i in indices:
+                writer = self.writers.get(i)
+                if writer is not None and not storage_allocated(writer.grad):
+                    raise RuntimeError(
+                        f"the side buffer of {writer.name} is released (no memory) when its "
+                        "layer steps: its acquire_grad did not run before the layer's backward"
+                    )
                 opt, g_index, position = self.where[i]
                 # one tensor through get_total_norm: the kernel the whole-model norm uses
                 self.norms[i] = torch.nn.utils.get_total_norm([self._grad(i)])
@@ -150,7 +183,9 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 step_subset(opt, picked)
             for i in indices:
                 self.done[i] = True
-                if i not in self.writers:
+                if i in self.releasing:
+                    self.writers[i].release_grad()
+                elif i not in self.writers:
                     self.params[i].grad = None
         except BaseException as e:
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -180,7 +215,12 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         return not self.done[i] and self._grad(i) is not None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """torch's zero_grad over the inner optimizers' groups, and the allocated side buffers
+        zeroed: the inner zero_grad would write into released ones (acquire_grad zeroes those)."""
+        super().zero_grad(set_to_none=set_to_none)
+        for writer in self.writers.values():
+            if storage_allocated(writer.grad):
+                writer.grad.zero_()
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -197,6 +237,16 @@ class PerLayerOptimizer(torch.optim.Optimizer):
             if self.done[i] or self._pending(i)
         ]
         return torch.nn.utils.get_total_norm(norms)
+
+    def side_buffer_bytes(self) -> int:
+        """Bytes of the side buffers allocated at once at the peak of a backward (the planner's
+        term): those never released, plus the released ones of two adjacent decoder layers (the
+        layer in backward, the one below it): 3 layers' worth for equal layers, with the top."""
+        size = lambda i: self.writers[i].grad.numel() * self.writers[i].grad.element_size()  # noqa: E731
+        kept = sum(size(i) for i in self.writers if i not in self.releasing)
+        layers = [sum(size(i) for i in tensors) for tensors in self.acquire_at.values()]
+        pairs = [a + b for a, b in zip(layers, layers[1:], strict=False)] or layers
+        return kept + max(pairs, default=0)
 
     def param_state(self, param: torch.Tensor) -> dict:
         """The owning inner optimizer's live `state[param]` (MultiOptimizer.param_state)."""

@@ -28,6 +28,9 @@ class Writer(Protocol):
     name in the model, `grad` the (out, in) side buffer the layer's backward adds g^T x into
     (no parameter: never saved or counted), `weight()` the dequantized W in fp32, and `write`
     applies an update in one pass: W <- SR(deq(W) - lr * (update + wd * deq(W))).
+    `release_grad` frees `grad`'s memory and `acquire_grad` gives it back zeroed, keeping the
+    same tensor object (the layer's op and compiled graphs hold it): per-layer mode keeps a
+    layer's buffer only around that layer's backward.
     """
 
     name: str
@@ -37,6 +40,31 @@ class Writer(Protocol):
     def weight(self) -> Tensor: ...
 
     def write(self, update: Tensor, lr: float, wd: float, step: int) -> None: ...
+
+    def release_grad(self) -> None: ...
+
+    def acquire_grad(self) -> None: ...
+
+
+def release_storage(t: Tensor) -> None:
+    """Free t's memory, keeping the tensor object (the FSDP2 technique): its storage shrinks
+    to 0 bytes, so t must not be read or written until `acquire_storage`."""
+    t.untyped_storage().resize_(0)
+
+
+def acquire_storage(t: Tensor) -> None:
+    """Give a released t its memory back, zeroed (an allocated t is left as it is)."""
+    if not storage_allocated(t):
+        t.untyped_storage().resize_(t.numel() * t.element_size())
+        # autograd saved t in the forward (its backward adds into it): zeroing fresh memory
+        # is not a change it must detect
+        with torch.autograd._unsafe_preserve_version_counter(t):
+            t.zero_()
+
+
+def storage_allocated(t: Tensor) -> bool:
+    """Whether t has its memory (False after `release_storage`: touching it would crash)."""
+    return t.untyped_storage().nbytes() >= t.numel() * t.element_size()
 
 
 class ParameterizedLinear(nn.Module):

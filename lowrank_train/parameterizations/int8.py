@@ -36,6 +36,8 @@ from lowrank_train.parameterizations.base import (
     Parameterization,
     ParameterizedLinear,
     Writer,
+    acquire_storage,
+    release_storage,
 )
 from lowrank_train.parameterizations.quantized import quantized_linear
 from lowrank_train.seeding import derived_seed
@@ -107,6 +109,12 @@ class Int8Writer:
     @property
     def grad(self) -> Tensor:
         return self.layer.weight_grad
+
+    def release_grad(self) -> None:
+        release_storage(self.layer.weight_grad)
+
+    def acquire_grad(self) -> None:
+        acquire_storage(self.layer.weight_grad)
 
     def weight(self) -> Tensor:
         return self.layer.dense_weight()

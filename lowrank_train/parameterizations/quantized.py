@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lowrank_train.kernels import ops as kernels
+from lowrank_train.parameterizations.base import storage_allocated
 
 FORMATS = ("int8", "int4", "nf4")
 
@@ -74,6 +75,11 @@ def _(x, codes, scales, fmt, shape, group_size, grad_buffer):
 @torch.library.custom_op("lowrank_train::accumulate_weight_grad", mutates_args=("grad_buffer",))
 def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
     """grad_buffer (out, in) += g^T x over all leading dimensions of g (..., out), x (..., in)."""
+    if not storage_allocated(grad_buffer):  # checked here, not traced: no graph break
+        raise RuntimeError(
+            f"the {tuple(grad_buffer.shape)} weight-gradient side buffer of a quantized layer is "
+            "released (no memory): its writer's acquire_grad must run before its backward"
+        )
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
     if g2.dtype == x2.dtype == grad_buffer.dtype:
         grad_buffer.addmm_(g2.T, x2)  # accumulates in place: no (out, in) temporary
