@@ -27,6 +27,8 @@ class MemoryMonitor:
         self.context_bytes = 0
         if device.type == "cuda":
             torch.cuda.init()
+            if device.index is None:  # torch's memory-fraction call needs an index
+                device = self.device = torch.device("cuda", torch.cuda.current_device())
             free, total = torch.cuda.mem_get_info(device)
             self.context_bytes = total - free
             if cap_gib > 0:

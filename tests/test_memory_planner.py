@@ -15,7 +15,7 @@ from lowrank_train import trainer as trainer_module
 from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
 from lowrank_train.evaluation import causal_lm_loss, compute_context
-from lowrank_train.parameterizations.base import storage_allocated
+from lowrank_train.parameterizations.base import ParameterizedLinear, storage_allocated
 from lowrank_train.planner import GIB, inner_optimizers, plan_run, with_changes
 from lowrank_train.precision import resolve_precision
 from lowrank_train.resolve import load_run
@@ -68,15 +68,23 @@ def state_tensors(state):
 
 
 def one_step(cfg):
-    """The run built for real on the CPU, after one forward, backward and optimizer step;
-    returns (built, bytes of the gradients the step consumed)."""
+    """The run built for real on the CPU, after two steps as the loop takes them (forward,
+    backward, optimizer step, the layers' after_step: LoQT's first step only captures G and
+    its merge frees the buffer); returns (built, bytes of the gradients the second, steady
+    step consumed)."""
     built = build_run(cfg, VOCAB, CPU)
-    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
-    causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
-    grads = Storage()
-    for g in built.optimizer.gradients():
-        grads.add(g)
-    built.optimizer.step()
+    layers = [m for m in built.model.modules() if isinstance(m, ParameterizedLinear)]
+    for step in (1, 2):
+        x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+        causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
+        grads = Storage()
+        for g in built.optimizer.gradients():
+            grads.add(g)
+        built.optimizer.step()
+        for layer in layers:
+            layer.after_step(step, built.optimizer)
+        if step == 1:
+            built.optimizer.zero_grad(set_to_none=True)
     return built, grads.bytes
 
 

@@ -114,7 +114,8 @@ class QGaLore(SVDProjector):
         """Quantize the (finite) new basis to INT4 and update the lazy gap from its leading
         vector; the moments carried against the dequantized bases."""
         old = self.previous_basis(state)
-        leading = new[:, 0].float()
+        # a copy: a view of column 0 would keep the whole fp32 basis alive in state
+        leading = new[:, 0].to(torch.float32, copy=True)
         if "leading" in state:
             self.update_gap(
                 state, torch.nn.functional.cosine_similarity(state["leading"], leading, dim=0)
