@@ -35,7 +35,15 @@ def knob(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-PRESETS = ("llama_20m", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b", "llama_13b")
+PRESETS = (
+    "llama_20m",
+    "llama_60m",
+    "llama_130m",
+    "llama_350m",
+    "llama_1b",
+    "llama_7b",
+    "llama_13b",
+)
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
