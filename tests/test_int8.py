@@ -17,6 +17,7 @@ from projector_cases import assert_resume_is_bitwise, cli, train_losses
 from lowrank_train.models import build_model
 from lowrank_train.optim import build_optimizer, check_ownership
 from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.parameterizations.base import storage_allocated
 from lowrank_train.parameterizations.int8 import Int8, Int8Linear
 from lowrank_train.resolve import load_run
 
@@ -144,6 +145,32 @@ def backward(model, seed: int = 0) -> None:
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(seed))
     logits = model(input_ids=x).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+
+
+def allocated_side_buffers(model) -> list[bool]:
+    return [storage_allocated(m.weight_grad) for m in model.modules() if isinstance(m, Int8Linear)]
+
+
+def test_side_buffers_are_born_without_memory_and_held_by_whoever_steps_them(tiny_run):
+    """A build holds no side buffer (at 7B in bf16 all of them are 13 GB: a build that made
+    them would peak there); the whole-model optimizer acquires every one, the per-layer one
+    only the top layer's. Moving or casting a module with released buffers is safe and keeps
+    them released."""
+    cfg, _ = load_run(tiny_run(), ["weights.name=int8"])
+    model = build_model(cfg, 512, CPU)
+    assert not any(allocated_side_buffers(model))
+    model.double()  # torch would read past an empty storage: _apply re-creates it released
+    lin = next(m for m in model.modules() if isinstance(m, Int8Linear))
+    assert lin.weight_grad.dtype == torch.float64 and not storage_allocated(lin.weight_grad)
+    model.float()
+    build_optimizer(cfg, model, CPU)
+    assert all(allocated_side_buffers(model))
+
+    per_layer = ["optim.per_layer=true", "train.clip_grad_norm=0"]
+    model, _ = tiny(tiny_run, *per_layer)
+    top = [storage_allocated(m.weight_grad) for m in model.model.layers[-1].modules()
+           if isinstance(m, Int8Linear)]  # fmt: skip
+    assert all(top) and sum(allocated_side_buffers(model)) == len(top)
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,7 @@ def build_optimizer(
             eps=cfg.optim.eps,
             state_dtype=cfg.optim.state_dtype,
             writers=writers.values(),
+            keep_side_buffers=not cfg.optim.per_layer,
         )
     names = {p: n for n, p in model.named_parameters()} | {w.tensor: n for n, w in writers.items()}
     optimizer = MultiOptimizer(inner, names)

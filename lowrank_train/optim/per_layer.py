@@ -126,8 +126,11 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 if at is not None and layer_writers[k] in self.triggers.values():
                     self.acquire_at[at] = layer_writers[k]
         self.releasing = {i for tensors in self.acquire_at.values() for i in tensors}
-        for i in self.releasing:  # from the first step on (and after a resume) as in any step
-            self.writers[i].release_grad()
+        for i, writer in self.writers.items():  # from the first step on, as in any step
+            if i in self.releasing:
+                writer.release_grad()
+            else:
+                writer.acquire_grad()
         for i, p in enumerate(self.params):
             if i not in self.writers:
                 p.register_post_accumulate_grad_hook(self._hook)

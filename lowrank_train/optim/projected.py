@@ -55,7 +55,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         state_dtype: str = "auto",
         writers: Iterable[Writer] = (),
+        keep_side_buffers: bool = True,
     ):
+        """`keep_side_buffers`: acquire every writer's side buffer now and keep it, as a
+        gradient lives until the step (False: a per-layer wrapper manages them)."""
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype {state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
         defaults = dict(
@@ -68,6 +71,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         owned = {p for g in self.param_groups for p in g["params"]}
         if any(t not in owned for t in self.writers):
             raise ValueError("every writer's tensor must be in one of the groups")
+        if keep_side_buffers:
+            for w in self.writers.values():
+                w.acquire_grad()
         for g_index, group in enumerate(self.param_groups):
             names = group.setdefault(
                 "param_names", [f"group{g_index}.{i}" for i in range(len(group["params"]))]

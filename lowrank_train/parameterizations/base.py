@@ -62,6 +62,15 @@ def acquire_storage(t: Tensor) -> None:
             t.zero_()
 
 
+def released_tensor(shape, dtype: torch.dtype, device) -> Tensor:
+    """A tensor of `shape` without memory: allocated, then released at once (a transient of
+    its own size only); on the meta device there is nothing to release."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.device.type != "meta":
+        release_storage(t)
+    return t
+
+
 def storage_allocated(t: Tensor) -> bool:
     """Whether t has its memory (False after `release_storage`: touching it would crash)."""
     return t.untyped_storage().nbytes() >= t.numel() * t.element_size()

@@ -38,6 +38,8 @@ from lowrank_train.parameterizations.base import (
     Writer,
     acquire_storage,
     release_storage,
+    released_tensor,
+    storage_allocated,
 )
 from lowrank_train.parameterizations.quantized import quantized_linear
 from lowrank_train.seeding import derived_seed
@@ -61,10 +63,11 @@ class Int8Linear(ParameterizedLinear):
         self.group_size, self.name, self.seed = group_size, f"{name}.codes", seed
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
+        # born without memory: whoever keeps it resident acquires it (the whole-model optimizer
+        # at its build, per-layer stepping around this layer's backward), so a 7B build never
+        # holds every layer's m x n buffer at once (13 GB in bf16)
         self.register_buffer(
-            "weight_grad",
-            torch.zeros(codes.shape, dtype=grad_dtype, device=codes.device),
-            persistent=False,
+            "weight_grad", released_tensor(codes.shape, grad_dtype, codes.device), persistent=False
         )
         self.bias = nn.Parameter(bias) if bias is not None else None
 
@@ -79,6 +82,18 @@ class Int8Linear(ParameterizedLinear):
             self.weight_grad,
         )
         return y + self.bias if self.bias is not None else y
+
+    def _apply(self, fn, recurse=True):
+        """Moving or casting the module: a released side buffer has no bytes to copy (torch
+        would read past its empty storage), so it is re-created released on the target."""
+        grad = self.weight_grad
+        if storage_allocated(grad):
+            return super()._apply(fn, recurse)
+        self._buffers["weight_grad"] = grad.new_empty(0)  # moved and cast by fn like any buffer
+        out = super()._apply(fn, recurse)
+        moved = self._buffers["weight_grad"]
+        self._buffers["weight_grad"] = released_tensor(grad.shape, moved.dtype, moved.device)
+        return out
 
     def dense_weight(self) -> Tensor:
         """deq(W) in fp32, (out, in)."""
