@@ -29,15 +29,15 @@ the first merge finds W_fp already representable (e_0 = 0) and only installs P; 
 in the first gradient's subspace. A merge's event is `{"event": "merge", "step": t + 1, ...}`
 for the capture at step index t (the step count after it, as the optimizer's events).
 
-Moments at a merge (`moments_at_merge`). Default `reset`: the factor's optimizer state is
-emptied through `optimizer.param_state`, so its owner starts it afresh (Adam: zero moments,
-bias correction from step 1; a projector: a new basis). Research section 4 asks the framework
-for this: the old moments belong to the previous P's coordinates and the previous factor,
-both replaced, and kept moments would move the freshly error-compensated factor by
-lr m^/(sqrt(v^) + eps) right after the merge. `keep` is the official code's: nothing touches the
+Moments at a merge (`moments_at_merge`). Default `keep`, the official code's (issue 17 and
+DESIGN.md: the official code is the default, the other variant a key): nothing touches the
 state (the official loop also runs one AdamW step with a zero gradient after the merge, which
 decays the moments by beta and moves the factor; here the merge step's update is skipped in
-both modes).
+both modes). `reset` empties the factor's optimizer state through `optimizer.param_state`, so
+its owner starts it afresh (Adam: zero moments, bias correction from step 1; a projector: a
+new basis), as research section 4 recommends: the old moments belong to the previous P's
+coordinates and the previous factor, both replaced, and kept moments move the freshly
+error-compensated factor by lr m^/(sqrt(v^) + eps) right after the merge.
 
 Merges write into the existing tensors (optimizer state is keyed by tensor identity). The merge
 state (merges done, the next merge step, whether the next step captures) lives in buffers, so a
@@ -314,8 +314,8 @@ class LoQT(Parameterization):
             "exact",
             "basis finder of P: exact (the official full SVD) or fast (warm subspace iteration)",
         )
-        moments_at_merge: Literal["reset", "keep"] = knob(
-            "reset", "the factor's optimizer state at a merge: reset (emptied) or keep"
+        moments_at_merge: Literal["keep", "reset"] = knob(
+            "keep", "the factor's optimizer state at a merge: keep (the official code) or reset"
         )
 
     def convert(
