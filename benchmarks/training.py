@@ -148,7 +148,9 @@ def common_overrides(case: dict) -> list[str]:
     """The workload and the bench's flags, the same for ours and the peers' model."""
     size = SIZES[case["size"]]
     out = [
-        f"train.steps={case['steps']}",
+        # the recipe's schedule, stopped after the case's steps: a short run of its own schedule
+        # would warm up to the peak lr in a few steps and diverge (a 7B case did, at 1e-2)
+        f"train.stop_at={case['steps']}",
         f"train.grad_accum={case['grad_accum']}",
         f"train.clip_grad_norm={case['clip']}",
         f"train.compile={str(case['compile']).lower()}",
@@ -201,6 +203,18 @@ def peer_settings(peer: Peer, case: dict) -> dict:
 # -- the child: ours -----------------------------------------------------------------------------
 
 
+def load_case(config, overrides: list[str]):
+    """The case's run config: the recipe's schedule stopped after the case's steps
+    (`train.stop_at`), lengthened to those steps where the recipe's schedule is shorter."""
+    from lowrank_train.resolve import load_run
+    from lowrank_train.trainer import total_steps
+
+    cfg, _ = load_run(config, overrides)
+    if total_steps(cfg, 1) < cfg.train.stop_at:
+        cfg, _ = load_run(config, [*overrides, f"train.steps={cfg.train.stop_at}"])
+    return cfg
+
+
 def our_run(case: dict) -> dict:
     """Train the case through `train()`; times, peaks, events and the resolved flags."""
     import torch
@@ -208,7 +222,6 @@ def our_run(case: dict) -> dict:
     from lowrank_train.cli import setup_logging
     from lowrank_train.errors import ConfigError
     from lowrank_train.parameterizations import PARAMETERIZATIONS, ParameterizedLinear
-    from lowrank_train.resolve import load_run
     from lowrank_train.trainer import train
 
     setup_logging(0)
@@ -217,7 +230,7 @@ def our_run(case: dict) -> dict:
         return {"skipped": f"weights.name {method.weights!r} is not registered yet"}
     out_dir = Path(tempfile.mkdtemp(prefix="bench_"))
     try:
-        cfg, _ = load_run(case["config"], [*case["overrides"], f"out_dir={out_dir}", "name=run"])
+        cfg = load_case(case["config"], [*case["overrides"], f"out_dir={out_dir}", "name=run"])
     except ConfigError as e:
         return {"skipped": str(e)}
     settings = our_settings(cfg)
@@ -285,6 +298,9 @@ def our_settings(cfg) -> dict:
 
 
 def workload_settings(cfg, precision) -> dict:
+    """Every flag a row states (the measured steps and the schedule they were taken from)."""
+    from lowrank_train.trainer import total_steps
+
     t = cfg.train
     return {
         "batch_size": t.batch_size,
@@ -295,7 +311,8 @@ def workload_settings(cfg, precision) -> dict:
         "dtype": str(precision.dtype).removeprefix("torch."),
         "autocast": str(precision.autocast).removeprefix("torch.") if precision.autocast else None,
         "compile": t.compile,
-        "steps": t.steps,
+        "steps": t.stop_at or t.steps,
+        "schedule_steps": total_steps(cfg, 1),
         "cap_gib": cfg.memory.cap_gib,
     }
 
@@ -372,9 +389,9 @@ def peer_run(case: dict) -> dict:
     from lowrank_train.evaluation import causal_lm_loss, compute_context
     from lowrank_train.memory import MemoryMonitor
     from lowrank_train.models import build_model
-    from lowrank_train.optim.schedule import lr_factor
+    from lowrank_train.optim.schedule import build_scheduler, warmup_steps
     from lowrank_train.precision import resolve_precision
-    from lowrank_train.resolve import load_run
+    from lowrank_train.trainer import total_steps
 
     setup_logging(0)
     peer = PEERS[case["method"]]
@@ -382,7 +399,7 @@ def peer_run(case: dict) -> dict:
     needed = module.get(peer.provider)
     if needed and importlib.util.find_spec(needed) is None:
         return {"skipped": f"{peer.provider} is not installed (import {needed})"}
-    cfg, _ = load_run(case["config"], case["overrides"])
+    cfg = load_case(case["config"], case["overrides"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(cfg.model, device)
     settings = {"per_layer": peer.per_layer, **case["peer"], **workload_settings(cfg, precision)}
@@ -394,8 +411,9 @@ def peer_run(case: dict) -> dict:
     try:
         model = build_model(cfg, data.vocab_size, device)
         opts = peer_optimizers(peer, case["peer"], model, cfg.weights.target, t.lr)
-        factor = partial(lr_factor, total=t.steps, warmup=t.steps // 10, min_ratio=0.1)
-        schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts]
+        total = total_steps(cfg, 1)  # the recipe's schedule, as ours (common_overrides)
+        warmup = warmup_steps(total, t.warmup_ratio, t.warmup_steps)
+        schedules = [build_scheduler(o, total, warmup, t.min_lr_ratio) for o in opts]
         if peer.per_layer:
             for p, opt in zip(
                 [p for p in model.parameters() if p.requires_grad], opts, strict=True
@@ -404,7 +422,7 @@ def peer_run(case: dict) -> dict:
         loss_fn = torch.compile(causal_lm_loss) if t.compile else causal_lm_loss
         windows_s, loss_sum = [], torch.zeros((), device=device)
         start = time.perf_counter()
-        for step in range(1, t.steps + 1):
+        for step in range(1, (t.stop_at or t.steps) + 1):
             for _ in range(t.grad_accum):
                 inputs, labels = split_block(next(loader).to(device, non_blocking=True))
                 with compute_context(device, precision.autocast):
@@ -436,7 +454,8 @@ def peer_run(case: dict) -> dict:
     # galore-torch computes an SVD at its first step and every gap after; APOLLO draws a
     # random projection (a refresh too, but not separable from the first step's warm-up)
     svd = peer.provider == "galore-torch"
-    events = [{"step": s} for s in range(1, t.steps + 1, gap)] if svd and gap else []
+    measured = t.stop_at or t.steps
+    events = [{"step": s} for s in range(1, measured + 1, gap)] if svd and gap else []
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
     out = summarize(windows_s, tokens_per_step, events, gap if svd else None, compiled=t.compile)
     out.update(memory.peaks())
