@@ -118,7 +118,8 @@ def build_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> LlamaF
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable and stored parameter counts, split as the papers report them."""
+    """Trainable and stored parameter counts, split as the papers report them. A quantized
+    weight trained through its writer (INT8 codes) counts as one trainable weight per code."""
     emb = {
         id(p)
         for m in (model.get_input_embeddings(), model.get_output_embeddings())
@@ -127,11 +128,12 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     layers = [m for m in model.modules() if isinstance(m, ParameterizedLinear)]
     in_layers = {id(p) for m in layers for p in m.parameters()}
     params = list(model.parameters())
+    written = sum(w.tensor.numel() for m in layers for w in m.writers().values())
     return {
-        "total": sum(p.numel() for p in params),
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
+        "total": sum(p.numel() for p in params) + written,
+        "trainable": sum(p.numel() for p in params if p.requires_grad) + written,
         "embeddings": sum(p.numel() for p in params if id(p) in emb),
-        "targeted_layers": sum(p.numel() for p in params if id(p) in in_layers),
+        "targeted_layers": sum(p.numel() for p in params if id(p) in in_layers) + written,
         "targeted_count": len(layers),
     }
 

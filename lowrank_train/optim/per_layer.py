@@ -218,12 +218,9 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         return not self.done[i] and self._grad(i) is not None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad over the inner optimizers' groups, and the allocated side buffers
-        zeroed: the inner zero_grad would write into released ones (acquire_grad zeroes those)."""
-        super().zero_grad(set_to_none=set_to_none)
-        for writer in self.writers.values():
-            if storage_allocated(writer.grad):
-                writer.grad.zero_()
+        """The inner optimizers' zero_grad (theirs zero only the allocated side buffers;
+        acquire_grad zeroes a released one when it gets its memory back)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.state import restore_saved_dtypes
-from lowrank_train.parameterizations.base import Writer
+from lowrank_train.parameterizations.base import Writer, storage_allocated
 from lowrank_train.projectors.base import Projector
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return grads + [w.grad for w in self.writers.values()]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad, and every side buffer zeroed (it stays allocated: the layers'
-        backward adds into it, inside compiled graphs too)."""
+        """torch's zero_grad, and every allocated side buffer zeroed (it stays allocated: the
+        layers' backward adds into it, inside compiled graphs too)."""
         super().zero_grad(set_to_none=set_to_none)
         for w in self.writers.values():
-            w.grad.zero_()
+            if storage_allocated(w.grad):  # a released buffer has no memory to zero
+                w.grad.zero_()
 
     def _refresh(self, due: list[tuple[torch.Tensor, str, dict]], step: int, device) -> None:
         """Refresh every due tensor, batched where the projector can. A non-finite gradient or
