@@ -181,6 +181,11 @@ class OptimConfig:
     per_layer: bool = knob(
         False, "step each tensor inside backward and free its gradient (needs clip_grad_norm=0)"
     )
+    per_layer_accumulation: Literal["full", "projected"] = knob(
+        "full",
+        "per_layer with grad_accum > 1: full (keep each gradient until the last micro-batch: "
+        "exact) or projected (sum down(G) in the basis; GaLore, Q-GaLore; refresh from the first)",
+    )
     state_dtype: Literal["auto", "float32", "bfloat16", "int8"] = knob(
         "auto", "moments of lowrank-train's own Adam (projected and quantized tensors)"
     )
@@ -507,6 +512,12 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
         fail("optim.eps", f"{cfg.optim.eps} must be positive")
     if cfg.optim.weight_decay < 0:
         fail("optim.weight_decay", f"{cfg.optim.weight_decay} must be >= 0")
+    if cfg.optim.per_layer_accumulation == "projected" and not cfg.optim.per_layer:
+        fail(
+            "optim.per_layer_accumulation",
+            "projected applies to optim.per_layer=true only (the whole-model step sums full "
+            "gradients); set optim.per_layer=true or leave it full",
+        )
     if cfg.optim.per_layer and t.clip_grad_norm > 0:
         fail(
             "train.clip_grad_norm",

@@ -317,6 +317,14 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     one_at_a_time = per_layer and not accumulating
     grads = max((tensor_bytes(p) for p in trainable), default=0) if one_at_a_time else every_grad
     held = every_grad if accumulating else 0  # across micro-batches
+    summed = [optimizer.params[i] for i in getattr(optimizer, "projected", ())]
+    if accumulating and summed:  # optim.per_layer_accumulation: projected
+        # each summed tensor holds an fp32 D x r sum between micro-batches, and one full
+        # gradient is in flight at a time in its hook
+        rank = cfg.optim.projector.method.rank
+        low = sum(FP32 * max(p.shape) * rank for p in summed)
+        held = every_grad - sum(tensor_bytes(p) for p in summed) + low
+        grads = held + max(tensor_bytes(p) for p in summed)
     acts = activations(model, cfg, precision, cfg.train.batch_size)
     # the loss holds the logits and their fp32 copy (forward) or two fp32 T x V gradients
     # (the start of backward) beside the saved log-softmax

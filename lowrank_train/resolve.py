@@ -123,6 +123,12 @@ def check_methods(cfg: RunConfig, sources: Sources, run_file: str = CLI) -> None
             f"{cfg.optim.state_dtype} has no effect: no tensor is trained by lowrank-train's own "
             "Adam (set a projector or quantized weights); the optimizer's own state rules apply",
         )
+    if cfg.optim.per_layer_accumulation == "projected" and not projector.accumulates_projected:
+        fail(
+            "optim.per_layer_accumulation",
+            "projected needs a projector whose update reads only the projected gradient "
+            f"(galore, qgalore); {projector.name} reads the full gradient: use full",
+        )
     for method in (weights, projector):
         try:
             method.validate(cfg)

@@ -158,6 +158,36 @@ def test_per_layer_plans_one_gradient_at_a_time(tiny_run):
     assert plan_run(with_changes(cfg, accum), "cuda", VOCAB).components["gradients"] == sum(sizes)
 
 
+def test_projected_accumulation_plans_the_sums_and_one_gradient_in_flight(tiny_run):
+    """Per-layer GaLore at grad_accum 2 with projected accumulation: between micro-batches each
+    projected tensor holds its fp32 sum (as measured after a first micro-batch on the CPU), the
+    others their full gradients, and one projected gradient is in flight in its hook."""
+    overrides = [
+        "train.clip_grad_norm=0",
+        "optim.per_layer=true",
+        "train.grad_accum=2",
+        "optim.projector.name=galore",
+        "optim.projector.rank=8",
+        "optim.per_layer_accumulation=projected",
+    ]
+    cfg, _ = load_run(tiny_run(), overrides)
+    plan = plan_run(cfg, "cpu", VOCAB)
+    built = build_run(cfg, VOCAB, CPU)
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()  # the first micro-batch
+    held = Storage()
+    for p in built.model.parameters():
+        if p.grad is not None:
+            held.add(p.grad)
+    for state in inner_optimizers(built.optimizer)["galore"].state.values():
+        held.add(state["low_accum"])
+    summed = [built.optimizer.params[i] for i in built.optimizer.projected]
+    in_flight = max(p.numel() * p.element_size() for p in summed)
+    assert plan.components["gradients"] == held.bytes + in_flight
+    full = plan_run(with_changes(cfg, {"optim.per_layer_accumulation": "full"}), "cpu", VOCAB)
+    assert plan.components["gradients"] < full.components["gradients"]
+
+
 def test_per_layer_int8_plans_the_side_buffers_allocated_at_once(tiny_run):
     """4 layers at grad_accum 1: the gradients term is the largest gradient plus the peak bytes
     of allocated side buffers measured at every hook of a real backward (the top layer's and

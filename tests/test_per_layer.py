@@ -423,3 +423,125 @@ def test_per_layer_int8_with_compiled_layers_equals_the_whole_model_step(tiny_ru
         tiny_run, optim_section("adamw", "none"), 1, "int8", {"compile": True}
     )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+# -- optim.per_layer_accumulation: projected ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["galore", "qgalore"])
+def test_projected_accumulation_is_the_summed_step_and_refreshes_from_the_first_micro_batch(name):
+    """Two micro-batches folded in the projected space (accumulate_ of G_1, then a step on G_2)
+    against the step on G_1 + G_2: equal to fp32 rounding between refreshes (down is linear);
+    at a refresh the basis is the one G_1 alone gives (the named deviation)."""
+    import copy
+
+    from lowrank_train.optim.projected import ProjectedOptimizer
+
+    cls = PROJECTORS.get(name)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(24, 40, generator=gen) for _ in range(6)]
+
+    def build():
+        p = torch.nn.Parameter(torch.randn(24, 40, generator=torch.Generator().manual_seed(1)))
+        opt = ProjectedOptimizer(
+            [{"params": [p], "param_names": ["w"]}],
+            cls(cls.Config(rank=4, update_gap=3)),
+            lr=1e-2,
+            weight_decay=0.1,
+        )
+        return p, opt
+
+    summed, projected = build(), build()
+    for step in (1, 2):  # step 1 refreshes (T = 3: steps 1, 4); step 2 does not
+        g1, g2 = grads[2 * step - 2], grads[2 * step - 1]
+        p, opt = summed
+        p.grad = g1 + g2
+        opt.step()
+        p, opt = projected
+        opt.accumulate_(p, "w", g1)
+        if step == 1:  # the basis came from G_1 alone, before G_2 existed
+            first = copy.deepcopy(opt.state[p])
+            reference = copy.deepcopy(summed[1].state[summed[0]])
+            assert "low_accum" in first and first["refreshes"] == 1
+        p.grad = g2
+        opt.step()
+        if step == 1:
+            # the summed run's basis is G_1 + G_2's: the two runs now hold different bases
+            assert not torch.equal(
+                dequantized_or_basis(cls, first), dequantized_or_basis(cls, reference)
+            )
+            summed[1].state[summed[0]].update(copy.deepcopy(opt.state[p]))  # same basis again
+            summed[0].data.copy_(p.data)
+    assert "low_accum" not in projected[1].state[projected[0]]
+    torch.testing.assert_close(projected[0].data, summed[0].data, rtol=1e-5, atol=1e-6)
+
+
+def dequantized_or_basis(cls, state) -> torch.Tensor:
+    """The basis in state: GaLore's tensor, Q-GaLore's INT4 codes."""
+    return state["basis"] if "basis" in state else state["basis_codes"].float()
+
+
+def test_projected_accumulation_frees_each_micro_batchs_gradient_and_trains(tiny_run):
+    """Per-layer GaLore at grad_accum 2 with projected accumulation through the loop: in the
+    first micro-batch no projected tensor keeps its gradient past its hook, the loss falls, and
+    the grad norm is logged as nan (the summed full gradient is never formed)."""
+    model, opt = tiny_per_layer(
+        tiny_run,
+        "optim.projector.name=galore",
+        "optim.projector.rank=8",
+        "train.grad_accum=2",
+        "optim.per_layer_accumulation=projected",
+    )
+    projected = [opt.params[i] for i in opt.projected]
+    assert projected and all(p.ndim == 2 for p in projected)
+    kept = []
+    for p in projected:
+        p.register_post_accumulate_grad_hook(lambda q: kept.append(q.grad is not None))
+    backward(model, 0, accum=2)
+    assert kept and not any(kept)
+    backward(model, 1, accum=2)
+    assert math.isnan(opt.clip_grad_norm_(math.inf).item())  # as the loop asks, before step()
+    opt.step()
+    opt.zero_grad()
+
+    run = assert_short_run_learns(
+        tiny_run,
+        "galore_projected_accum",
+        {
+            "optim": {
+                "per_layer": True,
+                "per_layer_accumulation": "projected",
+                "projector": {"name": "galore", "rank": 8, "update_gap": 10},
+            },
+            "train": {
+                "steps": 30,
+                "batch_size": 4,
+                "grad_accum": 2,
+                "warmup_steps": 5,
+                "lr": 1e-2,
+                "clip_grad_norm": 0.0,
+            },
+        },
+    )
+    assert run["step"] == 30
+
+
+def test_projected_accumulation_is_refused_where_it_cannot_be_exact(tiny_run, capsys):
+    """APOLLO reads the full gradient (its channel scales): one line, exit 2; and the key means
+    nothing without per_layer."""
+    path = tiny_run(
+        "refused",
+        {
+            "optim": {
+                "per_layer": True,
+                "per_layer_accumulation": "projected",
+                "projector": {"name": "apollo", "rank": 8},
+            },
+            "train": {"clip_grad_norm": 0.0, "grad_accum": 2},
+        },
+    )
+    assert cli(path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.per_layer_accumulation" in err[0] and "apollo" in err[0]
+    with pytest.raises(ConfigError, match="optim.per_layer_accumulation"):
+        load_run(tiny_run("bare"), ["optim.per_layer_accumulation=projected"])

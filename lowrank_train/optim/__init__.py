@@ -173,7 +173,9 @@ def build_optimizer(
     check_ownership(model, optimizer)
     if cfg.optim.per_layer:
         check_per_layer()
-        return PerLayerOptimizer(optimizer, model, cfg.train.grad_accum)
+        return PerLayerOptimizer(
+            optimizer, model, cfg.train.grad_accum, cfg.optim.per_layer_accumulation
+        )
     return optimizer
 
 

@@ -10,6 +10,15 @@ micro-batch) and steps from the hook of its k-th, so the update is the whole-mod
 bitwise. A tensor whose gradient is still pending when `step()` runs (one that got no gradient
 in the last micro-batch) is stepped there.
 
+`accumulation="projected"` (`optim.per_layer_accumulation`), for tensors whose projector reads
+the gradient only through R = down(G) (GaLore, Q-GaLore): each of the first k - 1 micro-batches'
+G_i is folded into an fp32 projected sum (`ProjectedOptimizer.accumulate_`) and freed in its
+hook, so a tensor holds its r-column sum instead of its m x n gradient between micro-batches;
+the last one's hook steps from sum_i down(G_i) = down(sum_i G_i) (equal to the whole-model step
+up to rounding). A step that refreshes takes its new basis from the first micro-batch's G_1,
+not from the sum (the named deviation: per-layer mode never holds the sum). The global grad
+norm then is not known (the summed gradients are never formed): it is reported as nan.
+
 Quantized weights (writers) have no post-accumulate hook: their side buffers are complete when
 the input norm weight of their decoder layer completes (its gradient needs every Linear of the
 layer), so a layer's writers step from that norm's hook; a writer outside the decoder layers
@@ -81,7 +90,13 @@ class PerLayerOptimizer(torch.optim.Optimizer):
     LambdaLR over this wrapper sets the lr every hook's step reads; `state_dict()` is the inner
     optimizer's, unchanged (the wrapper holds nothing between steps)."""
 
-    def __init__(self, optimizer: MultiOptimizer, model: nn.Module, grad_accum: int = 1):
+    def __init__(
+        self,
+        optimizer: MultiOptimizer,
+        model: nn.Module,
+        grad_accum: int = 1,
+        accumulation: str = "full",
+    ):
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         # (owner, group index, position) of each tensor, in the order of MultiOptimizer's
@@ -131,9 +146,29 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 writer.release_grad()
             else:
                 writer.acquire_grad()
+        self.projected = self._projected_accumulation(accumulation)
+        self.names = {id(p): n for n, p in model.named_parameters()}
         for i, p in enumerate(self.params):
             if i not in self.writers:
                 p.register_post_accumulate_grad_hook(self._hook)
+
+    def _projected_accumulation(self, accumulation: str) -> set[int]:
+        """Indices of the tensors summed in the projected space between micro-batches."""
+        if accumulation == "full" or self.grad_accum == 1:
+            return set()
+        owners = {
+            opt.projector.name: opt
+            for opt in self.optimizer.optimizers.values()
+            if isinstance(opt, ProjectedOptimizer)
+        }
+        # resolve refuses a projector that cannot (one line, before anything is built)
+        if not owners or not all(o.projector.accumulates_projected for o in owners.values()):
+            raise ValueError("projected accumulation needs GaLore or Q-GaLore tensors")
+        return {
+            i
+            for i, (opt, _, _) in enumerate(self.where)
+            if isinstance(opt, ProjectedOptimizer) and i not in self.writers
+        }
 
     def _layer_writers(self, model: nn.Module) -> list[list[int]]:
         """Indices of each decoder layer's writer tensors."""
@@ -158,6 +193,10 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self.seen[i] += 1
         if self.seen[i] >= self.grad_accum:
             self._consume([i, *self.triggers.get(i, ())])
+        elif i in self.projected:  # fold this micro-batch into the projected sum, free G
+            opt = self.where[i][0]
+            opt.accumulate_(param, self.names.get(id(param), f"tensor{i}"), param.grad)
+            param.grad = None
 
     def _grad(self, i: int) -> torch.Tensor | None:
         """Tensor i's gradient: `.grad`, or its writer's side buffer."""
@@ -178,8 +217,13 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                         "layer steps: its acquire_grad did not run before the layer's backward"
                     )
                 opt, g_index, position = self.where[i]
-                # one tensor through get_total_norm: the kernel the whole-model norm uses
-                self.norms[i] = torch.nn.utils.get_total_norm([self._grad(i)])
+                # one tensor through get_total_norm: the kernel the whole-model norm uses; a
+                # projected sum's full gradient is never formed, so its norm is unknown
+                self.norms[i] = (
+                    torch.full((), math.nan, device=self.params[i].device)
+                    if i in self.projected
+                    else torch.nn.utils.get_total_norm([self._grad(i)])
+                )
                 picked = by_owner.setdefault(id(opt), (opt, {}))[1]
                 picked.setdefault(g_index, []).append(position)
             for opt, picked in by_owner.values():

@@ -110,7 +110,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     state["step"] = 0
                 state["step"] += 1
                 live.append((p, grad, state, group))
-                if self.projector.needs_refresh(state, state["step"]):
+                refreshed = state.pop("refreshed_at", None) == state["step"]  # by accumulate_
+                if not refreshed and self.projector.needs_refresh(state, state["step"]):
                     due.append((self.projector.refresh_input(self._weight(p), grad), name, state))
         if due:
             self._refresh(due, live[0][2]["step"], live[0][0].device)
@@ -118,7 +119,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if any(key not in state for key in self.projector.shared_keys):
                 continue  # no basis yet (the first refresh failed): nothing to step with
             writer = self.writers.get(p)
-            if writer is None:
+            if writer is None and "low_accum" in state:  # earlier micro-batches, projected
+                low = state.pop("low_accum") + self.projector.down(grad, state).float()
+                self.projector.update_(
+                    p, grad, state, state["step"], group, low_grad=low.to(grad.dtype)
+                )
+            elif writer is None:
                 self.projector.update_(p, grad, state, state["step"], group)
             else:  # one dequantized W at a time, written back with one stochastic rounding
                 weight, t = writer.weight(), state["step"]
@@ -149,6 +155,30 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for w in self.writers.values():
             if storage_allocated(w.grad):  # a released buffer has no memory to zero
                 w.grad.zero_()
+
+    @torch.no_grad()
+    def accumulate_(self, p: Tensor, name: str, grad: Tensor) -> None:
+        """Fold one micro-batch's gradient of p into its projected sum, state["low_accum"] +=
+        down(G_k) (fp32), so G_k can be freed; the step that follows adds the last micro-batch's
+        and updates from R = sum_k down(G_k) = down(sum_k G_k). When that step refreshes, the
+        new basis comes from the first micro-batch's G_1 (a named deviation: the whole-model
+        step reads the sum; per-layer mode never holds it)."""
+        state = self.state[p]
+        if not state:
+            state.update(self.projector.init_state(p, name))
+            state["step"] = 0
+        coming = state["step"] + 1
+        if "low_accum" not in state:
+            if self.projector.needs_refresh(state, coming):
+                self._refresh(
+                    [(self.projector.refresh_input(p, grad), name, state)], coming, p.device
+                )
+                state["refreshed_at"] = coming
+            if any(key not in state for key in self.projector.shared_keys):
+                raise RuntimeError(f"{name}: no basis to accumulate in (its first refresh failed)")
+            state["low_accum"] = self.projector.down(grad, state).float()
+        else:
+            state["low_accum"].add_(self.projector.down(grad, state))
 
     def _refresh(self, due: list[tuple[torch.Tensor, str, dict]], step: int, device) -> None:
         """Refresh every due tensor, batched where the projector can. A non-finite gradient or

@@ -64,6 +64,10 @@ class Projector:
     # State keys computed from the gradient at a refresh: under DDP rank 0's are broadcast, so
     # every rank holds the same basis even if two SVDs of one matrix ever disagreed in sign.
     shared_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether the update reads the gradient only through down(G) (GaLore, Q-GaLore): then
+    # micro-batches can be summed in the projected space, down(sum G_k) = sum down(G_k)
+    # (per-layer accumulation, `optim.per_layer_accumulation: projected`).
+    accumulates_projected: ClassVar[bool] = False
 
     def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()
@@ -302,8 +306,18 @@ class LowRankAdam(Projector):
         low_update, low_grad, correction = self.moments_step(grad, state, hp)
         return self.up(low_update, low_grad, grad, state) * correction
 
-    def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
-        low_update, low_grad, correction = self.moments_step(grad, state, hp)
+    def update_(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        state: State,
+        step: int,
+        hp: dict,
+        low_grad: Tensor | None = None,
+    ) -> None:
+        """`low_grad`: R when it was summed over micro-batches in the projected space (then G is
+        the last micro-batch's, read only by projectors that do not accumulate projected)."""
+        low_update, low_grad, correction = self.moments_step(grad, state, hp, low_grad)
         self.decay_(param, hp, before_update=True)
         self.add_up_(param, low_update, low_grad, grad, state, -hp["lr"] * correction)
         self.decay_(param, hp, before_update=False)
@@ -320,9 +334,12 @@ class LowRankAdam(Projector):
         """W += alpha * up(N, R, G) (GaLore overrides it with one accumulating GEMM)."""
         param.add_(self.up(low_update, low_grad, grad, state).to(param.dtype), alpha=alpha)
 
-    def moments_step(self, grad: Tensor, state: State, hp: dict) -> tuple[Tensor, Tensor, float]:
-        """(N, R, c_t): the Adam step on R = down(G), moments updated in place."""
-        low_grad = self.down(grad, state)
+    def moments_step(
+        self, grad: Tensor, state: State, hp: dict, low_grad: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """(N, R, c_t): the Adam step on R = down(G) (or the given R), moments updated in place."""
+        if low_grad is None:
+            low_grad = self.down(grad, state)
         if "exp_avg" not in state:
             self.init_moments(state, low_grad.shape, low_grad.device, hp["state_dtype"])
         beta1, beta2 = hp["betas"]

@@ -67,6 +67,7 @@ class GaLore(SVDProjector):
     """Adam on the gradient projected onto its top-r singular vectors, refreshed every T steps."""
 
     name = "galore"
+    accumulates_projected = True  # its update reads G only through R = down(G)
 
     def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
         """W += alpha * scale * back(N) as one GEMM accumulating into W (addmm_): no full-size

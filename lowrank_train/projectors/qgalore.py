@@ -66,6 +66,7 @@ class QGaLore(SVDProjector):
     """GaLore with an INT4 basis and a refresh gap that grows while the top direction holds."""
 
     name = "qgalore"
+    accumulates_projected = True  # GaLore's update on the dequantized basis
     shared_keys = ("basis_codes", "basis_scales", "leading", "queue")
 
     @dataclass
