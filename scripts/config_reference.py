@@ -45,8 +45,43 @@ def reference() -> str:
             lines.append(f"| {where} | `{key}` | `{_shown(default)}` | {_cell(help_text)} |")
         else:
             lines.append(f"| {where} | | | no keys of its own |")
-    lines.append(END)
+    lines += ["", *composition_matrix(), END]
     return "\n".join(lines)
+
+
+def composition_matrix() -> list[str]:
+    """What `validate` accepts at every method's defaults (`lowrank-train methods` prints the
+    same): parameterization x projector, the inner optimizers that combine, and each refusal's
+    one-line reason."""
+    from lowrank_train.resolve import combinations
+
+    table: dict[tuple[str, str], list[str]] = {}
+    refusals: dict[tuple[str, str], str] = {}
+    for weights, projector, optimizer, refusal in combinations():
+        if refusal is None:
+            table.setdefault((weights, projector), []).append(optimizer)
+        else:
+            refusals.setdefault((weights, projector), refusal.split(": ", 1)[-1])
+    rows = sorted({w for w, _ in table | refusals})
+    columns = sorted({p for _, p in table | refusals})
+    lines = [
+        "Which methods compose, at each method's defaults (`lowrank-train methods` prints it; a "
+        "number is a refusal, its reason below):",
+        "",
+        "| weights \\ projector | " + " | ".join(f"`{c}`" for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    reasons: list[str] = []
+    for w in rows:
+        cells = []
+        for c in columns:
+            if (w, c) in table:
+                cells.append(", ".join(table[w, c]))
+            else:
+                reasons.append(f"{len(reasons) + 1}. `{w} + {c}`: {_cell(refusals[w, c])}")
+                cells.append(f"({len(reasons)})")
+        lines.append(f"| `{w}` | " + " | ".join(cells) + " |")
+    return [*lines, "", *reasons]
 
 
 def readme_block(text: str) -> str:
