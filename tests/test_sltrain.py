@@ -79,14 +79,17 @@ def test_forward_and_gradients_match_float64():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_backward_keeps_no_out_by_in_tensor():
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_backward_keeps_no_out_by_in_tensor(backend):
     """The autograd graph saves x, A, B, v and I, and rebuilds W in backward: nothing of W's
-    (out, in) size is held between forward and backward."""
+    (out, in) size is held between forward and backward, also when inductor compiles the
+    layer (its partitioner, traced through, kept W: the custom ops hide it)."""
     m, n, r = 24, 40, 4
     layer = trained_like(convert(m, n, rank=r, density=0.1))
     x = torch.randn(
         2, 5, n, requires_grad=True
     )  # 10 tokens: no saved shape can be (m, n) by chance
+    forward = layer if backend == "eager" else torch.compile(layer, backend=backend, fullgraph=True)
     saved = []
 
     def pack(t):
@@ -94,10 +97,17 @@ def test_backward_keeps_no_out_by_in_tensor():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+        out = forward(x)
     assert saved and all(math.prod(s) < m * n for s in saved), saved
     out.sum().backward()
     assert layer.A.grad is not None and layer.values.grad is not None
+
+
+def test_the_custom_ops_pass_opcheck():
+    layer = trained_like(convert(12, 20, rank=4, density=0.2))
+    x = torch.randn(3, 20, requires_grad=True)
+    args = (x, layer.A, layer.B, layer.values, layer.index, layer.scale)
+    torch.library.opcheck(torch.ops.lowrank_train.sparse_lowrank_linear.default, args)
 
 
 def test_compiles_forward_and_backward_without_a_graph_break():
