@@ -97,30 +97,19 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list; adamw = dense")
     args = ap.parse_args()
     args.grad_accum = "1"
-    if args.from_rows:
-        rows = training.read_rows(args.from_rows)
-    else:
-        names = args.methods.split(",")
-        names = ["adamw"] + [n for n in names if n != "adamw"]  # the ratios need dense first
-        cases = training.build_cases(
+    names = args.methods.split(",")
+    names = ["adamw"] + [n for n in names if n != "adamw"]  # the ratios need dense first
+    training.bench_main(
+        args,
+        Path(__file__).resolve(),
+        lambda: training.build_cases(
             args, "params", names, Path(tempfile.mkdtemp(prefix="bench_params_"))
-        )
-        if args.list:
-            print("\n".join(c["id"] for c in cases))
-            return
-        rows = training.run_matrix(
-            Path(__file__).resolve(),
-            cases,
-            args.out_dir,
-            args.device_slug,
-            plan=not args.no_plan,
-            run_unfit=args.run_unfit,
-            extra_metrics=against_dense(),
-        )
-    print(readme_table(rows))
-    png = training.plot(rows, args.out_dir / "params.png", "parameterizations (bench_params.py)")
-    if png:
-        print(f"plot: {png}")
+        ),
+        readme_table,
+        "params.png",
+        "parameterizations (bench_params.py)",
+        extra_metrics=against_dense(),
+    )
 
 
 if __name__ == "__main__":

@@ -130,31 +130,25 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma list (default: MATRIX of each size)")
     ap.add_argument("--grad-accum", default="1", help="comma list of grad_accum values")
     args = ap.parse_args()
-    if args.from_rows:
-        rows = training.read_rows(args.from_rows)
-    else:
+
+    def cases() -> list[dict]:
         work = Path(tempfile.mkdtemp(prefix="bench_train_"))
-        cases = []
+        out = []
         for size in args.sizes.split(","):
             names = args.methods.split(",") if args.methods else MATRIX[size]
-            cases += training.build_cases(
+            out += training.build_cases(
                 argparse.Namespace(**{**vars(args), "sizes": size}), "train", names, work
             )
-        if args.list:
-            print("\n".join(c["id"] for c in cases))
-            return
-        rows = training.run_matrix(
-            Path(__file__).resolve(),
-            cases,
-            args.out_dir,
-            args.device_slug,
-            plan=not args.no_plan,
-            run_unfit=args.run_unfit,
-        )
-    print(readme_table(rows))
-    png = training.plot(rows, args.out_dir / "train.png", "24 GB benchmark (bench_train.py)")
-    if png:
-        print(f"plot: {png}")
+        return out
+
+    training.bench_main(
+        args,
+        Path(__file__).resolve(),
+        cases,
+        readme_table,
+        "train.png",
+        "24 GB benchmark (bench_train.py)",
+    )
 
 
 if __name__ == "__main__":

@@ -662,6 +662,40 @@ def to_row(case: dict, result: dict, extra_metrics: Callable[[dict, dict], dict]
     )
 
 
+def bench_main(
+    args,
+    script: Path,
+    make_cases: Callable[[], list[dict]],
+    table: Callable[[list[dict]], str],
+    png_name: str,
+    title: str,
+    extra_metrics: Callable[[dict, dict], dict] | None = None,
+) -> None:
+    """The benchmarks' shared main: rows from --from-rows, or from running `make_cases()`'s
+    cases (--list prints their ids instead), then the README table and the PNG."""
+    if args.from_rows:
+        rows = read_rows(args.from_rows)
+    else:
+        cases = make_cases()
+        if args.list:
+            print("\n".join(c["id"] for c in cases))
+            return
+        extra = {"extra_metrics": extra_metrics} if extra_metrics else {}
+        rows = run_matrix(
+            script,
+            cases,
+            args.out_dir,
+            args.device_slug,
+            plan=not args.no_plan,
+            run_unfit=args.run_unfit,
+            **extra,
+        )
+    print(table(rows))
+    png = plot(rows, args.out_dir / png_name, title)
+    if png:
+        print(f"plot: {png}")
+
+
 def run_matrix(
     script: Path,
     cases: list[dict],

@@ -126,8 +126,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 )
             elif writer is None:
                 self.projector.update_(p, grad, state, state["step"], group)
-            else:  # one dequantized W at a time, written back with one stochastic rounding
-                weight, t = writer.weight(), state["step"]
+            else:  # written back with one stochastic rounding; W dequantized only if read
+                t = state["step"]
+                weight = writer.weight() if self.projector.reads_weight else None
                 update = self.projector.direction(weight, grad, state, t, group)
                 del weight  # the fp32 copy of W goes before the write allocates its own
                 writer.write(update, group["lr"], group["weight_decay"], t)

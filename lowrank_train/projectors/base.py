@@ -68,6 +68,9 @@ class Projector:
     # micro-batches can be summed in the projected space, down(sum G_k) = sum down(G_k)
     # (per-layer accumulation, `optim.per_layer_accumulation: projected`).
     accumulates_projected: ClassVar[bool] = False
+    # Whether `direction` reads the weight (Flora's RMS scale, GradNormLoRP's normalisation):
+    # only then is a quantized weight dequantized for it (an fp32 m x n copy per tensor and step)
+    reads_weight: ClassVar[bool] = False
 
     def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()
@@ -93,7 +96,8 @@ class Projector:
         return grad
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
-        """The full-shape update direction before lr; `param` is the (dequantized) weight."""
+        """The full-shape update direction before lr; `param` is the (dequantized) weight, or
+        None for a quantized weight when the projector does not read it (`reads_weight`)."""
         raise NotImplementedError
 
     def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:

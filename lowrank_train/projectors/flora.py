@@ -74,6 +74,8 @@ def rms(x: Tensor) -> Tensor:
 class Flora(Projector):
     """Adafactor with a momentum compressed by seeded Gaussian projections, moved at resamples."""
 
+    reads_weight = True  # the update is scaled by max(1e-3, RMS(W))
+
     name = "flora"
     decay_after_update = False  # Adafactor decays the weight before the update
 

@@ -85,6 +85,8 @@ def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class GradNormLoRP(SVDProjector):
     """Reconstructed: GaLore's Adam on each weight row's direction, a small Adam on its norm."""
 
+    reads_weight = True  # W = g v / ||v||: the step works on the normalised weight
+
     name = "gradnormlorp"
 
     @dataclass
