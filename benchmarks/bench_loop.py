@@ -66,6 +66,7 @@ def ours(case: dict) -> dict:
         "eval.max_tokens=2048",
         "eval.every=0",  # the bare loop neither evaluates nor saves mid-run: neither do we here
         "checkpoint.every=0",
+        "checkpoint.at_end=false",
         "model.autocast=auto",
         f"out_dir={out_dir}",
         "name=ours",

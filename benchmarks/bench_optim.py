@@ -65,6 +65,7 @@ def ours(case: dict) -> dict:
         "eval.every=0",
         "eval.max_tokens=2048",
         "checkpoint.every=0",
+        "checkpoint.at_end=false",
         f"out_dir={tempfile.mkdtemp(prefix='bench_optim_')}",
         "name=ours",
     ]

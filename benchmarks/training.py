@@ -160,6 +160,7 @@ def common_overrides(case: dict) -> list[str]:
         "eval.every=0",
         "eval.max_tokens=2048",
         "checkpoint.every=0",
+        "checkpoint.at_end=false",
     ]
     if size.preset:
         out += [f"model.preset={size.preset}", "model.seq_len=256"]

@@ -118,6 +118,9 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every: int = knob(0, "save every N steps (0 = only at the end)")
+    at_end: bool = knob(
+        True, "save when the run ends (false for throwaway runs: a 13B save writes ~14 GB)"
+    )
     keep_last: int = knob(2, "checkpoints kept")
     dir: str = knob("", "default <out_dir>/<name>/checkpoints")
 

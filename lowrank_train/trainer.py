@@ -339,7 +339,8 @@ class Trainer:
                     break
             else:
                 self.run_eval()
-                self.save(step_loss)
+                if cfg.checkpoint.at_end:
+                    self.save(step_loss)
         return self.finish(time.perf_counter() - started, first_step)
 
     def write_events(self) -> None:

@@ -273,3 +273,10 @@ def test_export_of_a_directory_without_checkpoints_is_one_line(tmp_path, capsys)
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(tmp_path) in err, err
+
+
+def test_checkpoint_at_end_false_saves_nothing_at_the_end(tiny_run):
+    path = tiny_run("throwaway", {"train": {"steps": 4}, "checkpoint": {"every": 3}})
+    assert run(path, "checkpoint.at_end=false") == 0
+    saved = sorted(p.name for p in (path.parent / "runs" / "throwaway" / "checkpoints").iterdir())
+    assert saved == ["step-00000003"], saved  # the cadence's save, not the end's
