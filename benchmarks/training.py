@@ -171,13 +171,19 @@ def common_overrides(case: dict) -> list[str]:
     return out
 
 
+def our_run_file(name: str, case: dict, work: Path) -> Path:
+    """The run file of our method `name` in `case`: the size's base (or --base), then the
+    method's recipe files, composed under `work`."""
+    base = Path(case["base"]) if case.get("base") else SIZES[case["size"]].base
+    files = [base] + [f for e in OURS[name].files if (f := recipe_file(e, case["size"]))]
+    return compose(files, work / f"{case['id'].replace(':', '_')}.yaml")
+
+
 def our_config(name: str, case: dict, work: Path) -> tuple[Path, list[str]]:
     """(run file, overrides) of our method `name` in `case`: the size's base (or --base), the
     method's recipe files, the workload's overrides, then the method's and the user's."""
     method = OURS[name]
-    base = Path(case["base"]) if case.get("base") else SIZES[case["size"]].base
-    files = [base] + [f for e in method.files if (f := recipe_file(e, case["size"]))]
-    path = compose(files, work / f"{case['id'].replace(':', '_')}.yaml")
+    path = our_run_file(name, case, work)
     overrides = [*common_overrides(case), f"weights.name={method.weights}", *method.overrides]
     if method.per_layer:
         overrides.append("optim.per_layer=true")

@@ -6,7 +6,8 @@ the storage dtype the target device resolves to, and every component is a sum of
 formulas: weights and quantization scales from the layers' `stored_bytes()`, gradients from the
 trainable tensors and the writers' side buffers, optimizer state from each inner optimizer's
 dtype rules and each projector's `state_bytes`, activations from the LLaMA block's formula
-(`activations`, eager mode), and the temporaries of the loss, the optimizer step and a refresh.
+(`activations`: eager mode, or the saved set of inductor's partition under `train.compile`),
+and the temporaries of the loss, the optimizer step and a refresh.
 Total = the largest phase (forward, backward, optimizer step, refresh) + the allocator's slack
 + the CUDA context. When it does not fit, each suggestion is the planner re-run with one change.
 """
@@ -32,8 +33,12 @@ GIB = 2**30
 FP32 = 4
 # Provenance of the constants; the integrator re-calibrates them on the GPU (`lowrank-train
 # estimate` beside a run's measured peak_gib).
-ALLOCATOR_SLACK_BYTES = int(1.2 * GIB)  # CUDA: peak_gib over the live bytes, dense llama_1b run
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA: not yet measured here; MemoryMonitor reads the real one
+# CUDA: the caching allocator's reserve over the live bytes, a base plus a fraction of the peak
+# phase, fitted to the H200 rows of 2026-12-01 (max_memory_reserved - max_memory_allocated:
+# 0.23-0.37 GiB at 350m, 0.64-1.25 at 1b, 0.44-0.75 at 7b and 13b; benchmarks/replan.py)
+ALLOCATOR_SLACK_BASE = int(0.25 * GIB)
+ALLOCATOR_SLACK_FRACTION = 0.04
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the H200's measured 0.51 GiB; MemoryMonitor reads the real one
 CPU_RUNTIME_BYTES = int(0.4 * GIB)  # CPU: max RSS of Python with lowrank_train and torch imported
 SVD_WORKSPACE = 4  # a batched refresh: the fp32 input batch, then ~3x it in QR/eigh temporaries
 EXTRA_TOKENS = 7  # token count of the probe forward of one parameterized layer (see layer_extra)
@@ -50,6 +55,7 @@ class Plan:
     components: dict[str, int]
     phases: dict[str, int]
     slack_bytes: int
+    activation_mode: str = "eager"
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -80,7 +86,7 @@ class Plan:
             "total_bytes": self.total_bytes,
             "total_gib": round(self.total_gib, 3),
             "fits": self.fits,
-            "activations": "eager (torch.compile's activations are not planned)",
+            "activations": self.activation_mode,
             "suggestions": self.suggestions,
         }
 
@@ -102,7 +108,7 @@ class Plan:
         rows += ["", f"{'phase':<18}{'GiB':>10}"]
         rows += [f"{k:<18}{v / GIB:>10.3f}" for k, v in self.phases.items()]
         rows += [f"{'slack':<18}{self.slack_bytes / GIB:>10.3f}", "", self.summary()]
-        rows += ["activations planned eager (torch.compile's are not planned)"]
+        rows += [f"activations planned {self.activation_mode}"]
         return "\n".join(rows + [f"suggestion: {s}" for s in self.suggestions])
 
 
@@ -198,6 +204,18 @@ def side_buffer_bytes(optimizer: torch.optim.Optimizer) -> int:
 # loss's fp32 log-softmax (4 T V). With gradient checkpointing a layer keeps only its input
 # (w Th) and recomputes the rest in its backward.
 AUTOCAST_CASTS = 5  # Linears reading a norm's output: q, k, v (input norm), gate, up (post-attn)
+# Compiled (`train.compile`, no autocast): the forward outputs that inductor's partitioner
+# (min-cut rematerialization) keeps for backward, read from the partitioned graph on the CPU,
+# all in the storage dtype but the fp32 rsqrt and logsumexp. Per layer: its input, both norms'
+# outputs, q and k after rotary, v, the attention output (one storage for SDPA and o_proj),
+# one T x h between o_proj and the residual add (o_proj's output or the sum), gate, up and
+# their SiLU product (8 T x h, 3 T x i), two rsqrt and the logsumexp. The norms' fp32 inputs
+# and the SiLU are recomputed. Model: ids, labels, the final norm's input, rsqrt and output,
+# one fp32 rotary table (s x hd), the b x 1 x s x s causal mask (traced, HF materialises it)
+# and the fp32 log-softmax. Gradient checkpointing keeps each layer's input either way; its
+# compiled head is not derived (the eager formula plans it).
+COMPILED_LAYER_TH = 8
+COMPILED_LAYER_TI = 3
 
 
 @dataclass(frozen=True)
@@ -205,7 +223,8 @@ class Activations:
     layers: list[int]  # saved by each decoder layer (its input only, under checkpointing)
     layer_full: list[int]  # each layer's full saved set (its recompute under checkpointing)
     model: int  # ids, labels, rotary tables, final norm, log-softmax
-    logits: int  # the loss's fp32 transients, 4 T V each
+    loss_temp: int  # the loss's transients beside what it saves
+    mode: str  # which formula planned them (ActivationMode.describe)
 
     @property
     def total(self) -> int:
@@ -245,10 +264,16 @@ def activations(model: nn.Module, cfg: RunConfig, precision: Precision, batch: i
     w = precision.dtype.itemsize
     autocast = precision.autocast is not None
     a = precision.autocast.itemsize if autocast else w
+    mode = activation_mode(cfg, precision)
     cache: dict = {}
     full = []
     for layer in model.model.layers:
-        bytes_ = 2 * norm_bytes(t, h, w, autocast) + 4 * a * t * h + FP32 * t * nh + 4 * a * t * i
+        if mode.layers_compiled:
+            bytes_ = COMPILED_LAYER_TH * w * t * h + COMPILED_LAYER_TI * w * t * i
+            bytes_ += 2 * FP32 * t + FP32 * t * nh
+        else:
+            bytes_ = 2 * norm_bytes(t, h, w, autocast) + 4 * a * t * h + FP32 * t * nh
+            bytes_ += 4 * a * t * i
         if autocast:
             bytes_ += AUTOCAST_CASTS * a * t * h
             bytes_ += sum(a * p.numel() for p in layer.parameters() if p.ndim == 2)
@@ -260,12 +285,44 @@ def activations(model: nn.Module, cfg: RunConfig, precision: Precision, batch: i
     layers = [w * t * h] * len(full) if checkpointed else full
     head = model.get_output_embeddings().weight
     ids = 8 * batch * (s + 1) + 8 * t  # inputs: a view of the (b, s + 1) block; labels: a copy
-    other = ids + FP32 + norm_bytes(t, h, w, autocast) + FP32 * t * hf.vocab_size
-    if not checkpointed:
-        other += 2 * s * (h // nh) * w
+    if mode.head_compiled:
+        other = ids + FP32 + 2 * w * t * h + FP32 * t + FP32 * t * hf.vocab_size
+        other += FP32 * s * (h // nh) + w * batch * s * s
+    else:
+        other = ids + FP32 + norm_bytes(t, h, w, autocast) + FP32 * t * hf.vocab_size
+        if not checkpointed:
+            other += 2 * s * (h // nh) * w
     if autocast:
         other += a * t * h + a * head.numel()
-    return Activations(layers, full, other, FP32 * t * hf.vocab_size)
+    # the loss's transients: eager, the fp32 copy of the logits and a second fp32 T x V (its
+    # log-softmax or, at the start of backward, its gradient); compiled, only the logits in
+    # the storage dtype beside the saved fp32 log-softmax (inductor fuses the rest)
+    logits = w * t * hf.vocab_size if mode.head_compiled else 2 * FP32 * t * hf.vocab_size
+    return Activations(layers, full, other, logits, mode.describe())
+
+
+@dataclass(frozen=True)
+class ActivationMode:
+    """Which formula plans which part: `train.compile` compiles the whole model and its loss,
+    or, with `optim.per_layer`, each decoder layer alone (the head and loss stay eager). Under
+    autocast the compiled partition is not derived, nor the compiled head under gradient
+    checkpointing: the eager formula plans those."""
+
+    layers_compiled: bool
+    head_compiled: bool
+
+    def describe(self) -> str:
+        if self.layers_compiled and self.head_compiled:
+            return "compiled (inductor's saved set)"
+        if self.layers_compiled:
+            return "decoder layers compiled, head and loss eager"
+        return "eager"
+
+
+def activation_mode(cfg: RunConfig, precision: Precision) -> ActivationMode:
+    compiled = cfg.train.compile and precision.autocast is None
+    head = compiled and not cfg.optim.per_layer and not cfg.model.gradient_checkpointing
+    return ActivationMode(compiled, head)
 
 
 # -- phases ----------------------------------------------------------------------------------------
@@ -275,10 +332,13 @@ def numel_of_largest(tensors) -> int:
     return max((t.numel() for t in tensors), default=0)
 
 
-def trained_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def projected_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors lowrank-train's own Adam steps one at a time (torch's fused AdamW and
+    bitsandbytes' 8-bit step update in place, without full-shape temporaries)."""
     return [
         p
         for opt in inner_optimizers(optimizer).values()
+        if isinstance(opt, ProjectedOptimizer)
         for g in opt.param_groups
         for p in g["params"]
     ]
@@ -326,12 +386,10 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         held = every_grad - sum(tensor_bytes(p) for p in summed) + low
         grads = held + max(tensor_bytes(p) for p in summed)
     acts = activations(model, cfg, precision, cfg.train.batch_size)
-    # the loss holds the logits and their fp32 copy (forward) or two fp32 T x V gradients
-    # (the start of backward) beside the saved log-softmax
-    loss_temp = 2 * acts.logits
-    # a step forms one full-shape fp32 direction and one more fp32 tensor of that shape
+    loss_temp = acts.loss_temp
+    # our step forms one full-shape fp32 direction and one more fp32 tensor of that shape
     # (Adam's denominator, a dequantized weight), one tensor at a time
-    step_temp = 2 * FP32 * numel_of_largest(trained_tensors(optimizer))
+    step_temp = 2 * FP32 * numel_of_largest(projected_tensors(optimizer))
     refresh = refresh_workspace(optimizer)
     # backward, layer by layer from the top: the gradients so far beside the activations left
     layer_grads = [
@@ -360,8 +418,11 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         "temporary": max(loss_temp, step_temp, refresh),
         "cuda_context": CUDA_CONTEXT_BYTES if device == "cuda" else 0,
     }
-    slack = ALLOCATOR_SLACK_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
-    return Plan(device, cfg.memory.cap_gib, components, phases, slack)
+    if device == "cuda":
+        slack = ALLOCATOR_SLACK_BASE + int(ALLOCATOR_SLACK_FRACTION * max(phases.values()))
+    else:
+        slack = CPU_RUNTIME_BYTES
+    return Plan(device, cfg.memory.cap_gib, components, phases, slack, acts.mode)
 
 
 def planned_vocab_size(cfg: RunConfig) -> int:

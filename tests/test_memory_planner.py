@@ -277,3 +277,57 @@ def test_out_of_memory_is_one_line_exit_4_and_keeps_the_last_checkpoint(
     assert latest.name == "step-00000006" and not skipped
     assert sorted(p.name for p in ckpts.glob("step-*"))[-1] == "step-00000006"
     assert max(m["step"] for m in metrics(path.parent / "runs" / "oom") if "loss" in m) == 6
+
+
+def saved_by_inductors_partition(model, x) -> list[torch.Tensor]:
+    """The tensors the compiled forward of `causal_lm_loss` keeps for backward: the graph
+    partitioned as inductor partitions it (min-cut rematerialization), run uncompiled."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    kept: list[torch.Tensor] = []
+
+    def forward_compiler(gm, _):
+        def run(*args):
+            out = gm(*args)
+            kept.extend(t for t in out[1:] if isinstance(t, torch.Tensor))  # out[0]: the loss
+            return out
+
+        return make_boxed_func(run)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(
+            gm,
+            inputs,
+            fw_compiler=forward_compiler,
+            bw_compiler=make_boxed_func,
+            partition_fn=min_cut_rematerialization_partition,
+        )
+
+    torch._dynamo.reset()
+    torch.compile(causal_lm_loss, backend=backend)(model, x[:, :-1], x[:, 1:])
+    return kept
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.dtype=bfloat16", "model.autocast=off"],
+        ["weights.name=lowrank", "weights.rank=16"],
+    ],
+    ids=["fp32", "bf16", "lowrank"],
+)
+def test_compiled_activations_equal_the_saved_set_of_inductors_partition(tiny_run, overrides):
+    """Under train.compile the planner plans the forward outputs inductor's partitioner keeps
+    for backward (not eager's larger set), counted once per storage, weights excluded."""
+    cfg, _ = load_run(tiny_run(), [*overrides, "train.compile=true"])
+    plan = plan_run(cfg, "cpu", VOCAB)
+    assert plan.activation_mode == "compiled (inductor's saved set)"
+    model = build_run(cfg, VOCAB, CPU).model
+    saved = Storage(exclude=[*model.parameters(), *model.buffers()])
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    saved.add(x)  # the ids are a view of the loader's block
+    for t in saved_by_inductors_partition(model, x):
+        saved.add(t)
+    assert plan.components["activations"] == saved.bytes
