@@ -27,7 +27,17 @@ import training  # noqa: E402
 from harness import case_main  # noqa: E402
 from training import fmt, markdown_table, note  # noqa: E402
 
-METHODS = ["adamw", "lowrank", "sltrain", "lost", "loqt", "int8", "sltrain+galore", "int8+qgalore"]
+METHODS = [
+    "adamw",
+    "lowrank",
+    "sltrain",
+    "lost",
+    "loqt",
+    "int8",
+    "int8+deq",
+    "sltrain+galore",
+    "int8+qgalore",
+]
 RATIOS = ("tok_s", "tok_s_amortized", "peak_gib", "peak_alloc_gib")
 
 

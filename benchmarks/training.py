@@ -96,6 +96,17 @@ OURS = {
         "int8", ("runs:int8", "runs:qgalore", "runs:int8_qgalore"), per_layer=True
     ),
     "int8+apollo_mini+pl": Method("int8", ("runs:int8", "runs:apollo_mini"), per_layer=True),
+    # weights.matmul=dequantize: deq(W) of one layer, then cuBLAS (the fused kernels' rival)
+    "int8+deq": Method("int8", ("runs:int8",), ("weights.matmul=dequantize",)),
+    "int8+apollo_mini+pl+deq": Method(
+        "int8", ("runs:int8", "runs:apollo_mini"), ("weights.matmul=dequantize",), True
+    ),
+    "int8+qgalore+pl+deq": Method(
+        "int8",
+        ("runs:int8", "runs:qgalore", "runs:int8_qgalore"),
+        ("weights.matmul=dequantize",),
+        True,
+    ),
     "int8+apollo+pl": Method("int8", ("runs:int8", "runs:apollo"), per_layer=True),
 }
 

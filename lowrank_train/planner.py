@@ -402,9 +402,14 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         recompute = acts.layer_full[k] if cfg.model.gradient_checkpointing else 0
         walk = max(walk, so_far + sum(acts.layers[: k + 1]) + recompute)
     during_backward = acts.total if per_layer else 0  # per-layer steps run inside backward
+    # a layer's own transient (a dequantized W) exists inside its op, before the loss's
+    transient = max(
+        (m.transient_bytes() for m in model.modules() if isinstance(m, ParameterizedLinear)),
+        default=0,
+    )
     phases = {
-        "forward": resident + held + acts.total + loss_temp,
-        "backward": resident + max(held + acts.total + loss_temp, walk),
+        "forward": resident + held + acts.total + max(loss_temp, transient),
+        "backward": resident + max(held + acts.total + loss_temp, walk + transient),
         "optimizer_step": resident + grads + step_temp + during_backward,
         "refresh": resident + grads + refresh + during_backward,
     }
@@ -415,7 +420,7 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         "projector": projected,
         "quant_scales": scales,
         "activations": acts.total,
-        "temporary": max(loss_temp, step_temp, refresh),
+        "temporary": max(loss_temp, step_temp, refresh, transient),
         "cuda_context": CUDA_CONTEXT_BYTES if device == "cuda" else 0,
     }
     if device == "cuda":

@@ -39,14 +39,15 @@ def float64_reference(x: torch.Tensor, deq: torch.Tensor, upstream: torch.Tensor
     return y, xd.grad, wd.grad
 
 
+@pytest.mark.parametrize("matmul", ["fused", "dequantize"])
 @pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
-def test_forward_grad_x_and_weight_gradient_match_float64(fmt):
+def test_forward_grad_x_and_weight_gradient_match_float64(fmt, matmul):
     codes, scales, deq = quantized(fmt)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 5, SHAPE[1], generator=gen).requires_grad_()
     upstream = torch.randn(3, 5, SHAPE[0], generator=gen)
     buffer = torch.zeros(SHAPE)
-    y = quantized_linear(x, codes, scales, fmt, SHAPE, GROUP, buffer)
+    y = quantized_linear(x, codes, scales, fmt, SHAPE, GROUP, buffer, matmul)
     (y * upstream).sum().backward()
     y64, gx64, gw64 = float64_reference(x, deq, upstream)
     # fp32 products over K=160 (forward, grad W) and N=6 (grad x) terms of O(1) size: a few ulp
@@ -90,19 +91,22 @@ def test_bf16_activations_accumulate_into_an_fp32_buffer():
     torch.testing.assert_close(buffer.double(), reference, rtol=2**-7, atol=1e-3)
 
 
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("matmul", ["fused", "dequantize"])
+def test_ops_pass_opcheck(matmul):
     codes, scales, _ = quantized("int8")
     x = torch.randn(2, 3, SHAPE[1], requires_grad=True)
-    torch.library.opcheck(
-        _quantized_linear, (x, codes, scales, "int8", list(SHAPE), GROUP, torch.zeros(SHAPE))
-    )
-    torch.library.opcheck(_quantized_linear, (x, codes, scales, "int8", list(SHAPE), GROUP, None))
+    args = (x, codes, scales, "int8", list(SHAPE), GROUP)
+    torch.library.opcheck(_quantized_linear, (*args, torch.zeros(SHAPE), matmul))
+    torch.library.opcheck(_quantized_linear, (*args, None, matmul))
     g = torch.randn(2, 3, SHAPE[0])
     torch.library.opcheck(_accumulate_weight_grad, (torch.zeros(SHAPE), g, x.detach()))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_forward_and_backward_compile_without_a_graph_break(backend):
+@pytest.mark.parametrize(
+    "backend, matmul",
+    [("aot_eager", "fused"), ("inductor", "fused"), ("aot_eager", "dequantize")],
+)
+def test_forward_and_backward_compile_without_a_graph_break(backend, matmul):
     """fullgraph=True raises at the first graph break; the compiled step gives the eager
     gradients (inductor: the one inductor test of the quantized layers)."""
     torch._dynamo.reset()
@@ -111,7 +115,8 @@ def test_forward_and_backward_compile_without_a_graph_break(backend):
     x = torch.randn(2, 4, SHAPE[1], generator=gen)
 
     def loss(inp, buffer):
-        return quantized_linear(inp, codes, scales, "int8", SHAPE, GROUP, buffer).square().sum()
+        y = quantized_linear(inp, codes, scales, "int8", SHAPE, GROUP, buffer, matmul)
+        return y.square().sum()
 
     compiled = torch.compile(loss, backend=backend, fullgraph=True)
     grads = []
@@ -127,7 +132,39 @@ def test_forward_and_backward_compile_without_a_graph_break(backend):
     assert gw.abs().sum() > 0
 
 
-def test_unknown_format_is_refused():
+def test_unknown_format_or_matmul_is_refused():
     codes, scales, _ = quantized("int8")
     with pytest.raises(ValueError, match="int5"):
         quantized_linear(torch.randn(2, SHAPE[1]), codes, scales, "int5", SHAPE, GROUP, None)
+    with pytest.raises(ValueError, match="tiled"):
+        quantized_linear(
+            torch.randn(2, SHAPE[1]), codes, scales, "int8", SHAPE, GROUP, None, "tiled"
+        )
+
+
+@pytest.mark.parametrize("matmul", ["fused", "dequantize"])
+def test_the_dequantized_copy_is_what_the_layer_declares_and_only_under_dequantize(
+    monkeypatch, matmul
+):
+    """transient_bytes (the planner's figure) against the copies the op really makes: one
+    (out, in) deq(W) in the activations' dtype in the forward and one in grad_x, none fused."""
+    from lowrank_train.parameterizations import int8, quantized as mechanism
+
+    made = []
+    real = mechanism._dequantized
+
+    def recording(*args):
+        w = real(*args)
+        made.append(w.numel() * w.element_size())
+        return w
+
+    monkeypatch.setattr(mechanism, "_dequantized", recording)
+    linear = torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False)
+    layer = int8.Int8(int8.Int8.Config(group_size=GROUP, matmul=matmul)).convert(
+        linear, "layer", torch.Generator().manual_seed(0), torch.bfloat16
+    )
+    layer.writers()["weight"].acquire_grad()
+    x = torch.randn(3, SHAPE[1], dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+    expected = [SHAPE[0] * SHAPE[1] * 2] * 2 if matmul == "dequantize" else []
+    assert made == expected and layer.transient_bytes() == max(expected, default=0)

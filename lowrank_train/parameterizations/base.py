@@ -101,6 +101,11 @@ class ParameterizedLinear(nn.Module):
         tensors = dict(self.named_parameters(recurse=False)) | buffers
         return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 
+    def transient_bytes(self) -> int:
+        """Bytes one forward or grad_x of this layer allocates beyond its output and saved set,
+        freed before it returns (e.g. a dequantized W); the planner adds the largest."""
+        return 0
+
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
         """Periodic work after optimizer step `step` (e.g. LoQT's merge); returns its events.
 

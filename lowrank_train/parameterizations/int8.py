@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,11 @@ from lowrank_train.parameterizations.base import (
     released_tensor,
     storage_allocated,
 )
-from lowrank_train.parameterizations.quantized import quantized_linear
+from lowrank_train.parameterizations.quantized import (
+    dequantized_bytes,
+    matmul_knob,
+    quantized_linear,
+)
 from lowrank_train.seeding import derived_seed
 
 
@@ -57,8 +62,10 @@ class Int8Linear(ParameterizedLinear):
         name: str,
         seed: int,
         grad_dtype: torch.dtype,
+        matmul: str = "fused",
     ):
         super().__init__()
+        self.matmul = matmul
         self.out_features, self.in_features = codes.shape
         self.group_size, self.name, self.seed = group_size, f"{name}.codes", seed
         self.register_buffer("codes", codes)
@@ -80,8 +87,13 @@ class Int8Linear(ParameterizedLinear):
             (self.out_features, self.in_features),
             self.group_size,
             self.weight_grad,
+            self.matmul,
         )
         return y + self.bias if self.bias is not None else y
+
+    def transient_bytes(self) -> int:
+        shape = (self.out_features, self.in_features)
+        return dequantized_bytes(shape, self.weight_grad.dtype, self.matmul)
 
     def _apply(self, fn, recurse=True):
         """Moving or casting the module: a released side buffer has no bytes to copy (torch
@@ -105,7 +117,7 @@ class Int8Linear(ParameterizedLinear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, group_size={self.group_size}"
+            f"bias={self.bias is not None}, group_size={self.group_size}, matmul={self.matmul}"
         )
 
 
@@ -158,6 +170,7 @@ class Int8(Parameterization):
     @dataclass
     class Config:
         group_size: int = knob(256, "elements per fp32 scale, over the row-major flattened W")
+        matmul: Literal["fused", "dequantize"] = matmul_knob()
 
     def convert(
         self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
@@ -171,7 +184,7 @@ class Int8(Parameterization):
             codes, scales = kernels.quantize_int8(w.float(), g)
         bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
         seed = int(torch.randint(0, 2**62, (), generator=gen))
-        return Int8Linear(codes, scales, bias, g, name, seed, grad_dtype=dtype)
+        return Int8Linear(codes, scales, bias, g, name, seed, dtype, self.options.matmul)
 
     def validate(self, cfg) -> None:
         g = self.options.group_size

@@ -66,7 +66,11 @@ from lowrank_train.parameterizations.base import (
     Parameterization,
     ParameterizedLinear,
 )
-from lowrank_train.parameterizations.quantized import quantized_linear
+from lowrank_train.parameterizations.quantized import (
+    dequantized_bytes,
+    matmul_knob,
+    quantized_linear,
+)
 from lowrank_train.projectors.subspace import side_of, svd_basis
 from lowrank_train.seeding import generator
 
@@ -178,6 +182,10 @@ class LoQTLinear(ParameterizedLinear):
         self.grad_buffer = torch.zeros(shape, device=self.codes.device) if capture else None
         self.capturing.fill_(int(capture))
 
+    def transient_bytes(self) -> int:
+        shape = (self.out_features, self.in_features)
+        return dequantized_bytes(shape, self.factor.dtype, self.options.matmul)
+
     def p_hat(self) -> Tensor:
         """P^: the projection the forward uses, in the factor's dtype."""
         if not self.options.quantize_projection:
@@ -192,7 +200,9 @@ class LoQTLinear(ParameterizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         o, buffer = self.options, self.grad_buffer
         shape = (self.out_features, self.in_features)
-        y = quantized_linear(x, self.codes, self.scales, o.format, shape, o.group_size, buffer)
+        y = quantized_linear(
+            x, self.codes, self.scales, o.format, shape, o.group_size, buffer, o.matmul
+        )
         # a capturing step trains no factor: its update is skipped and the merge re-solves it
         factor = self.factor if buffer is None else self.factor.detach()
         p = self.p_hat()
@@ -310,6 +320,7 @@ class LoQT(Parameterization):
         format: Literal["nf4", "int4"] = knob("nf4", "4-bit format of W (and of P): nf4 | int4")
         group_size: int = knob(64, "quantization block of W and P (bitsandbytes' 64)")
         quantize_projection: bool = knob(True, "store P 4-bit too, as the official scripts do")
+        matmul: Literal["fused", "dequantize"] = matmul_knob()
         svd: Literal["exact", "fast"] = knob(
             "exact",
             "basis finder of P: exact (the official full SVD) or fast (warm subspace iteration)",

@@ -3,9 +3,13 @@
     y = x deq(W)^T,   grad_x = g deq(W),   grad_buffer += g^T x   (g = dL/dy)
 
 W (out, in) is stored as codes and group scales in one of the kernels' formats (`fmt`: int8,
-int4, nf4; kernels/reference.py documents each). Forward and grad_x are the kernels'
-dequant-matmuls, which dequantize one tile at a time on the GPU, so no full-precision copy of W
-is held between forward and backward: the backward saves x, the codes and the scales.
+int4, nf4; kernels/reference.py documents each). No full-precision copy of W is held between
+forward and backward: the backward saves x, the codes and the scales. Two ways to multiply
+(`weights.matmul`):
+  * fused: the kernels' dequant-matmuls, which dequantize one tile at a time (no copy of W);
+  * dequantize: deq(W) in the activations' dtype by the kernels' dequantize op, then the
+    framework's GEMM (cuBLAS on CUDA); the copy lives only inside the op, once in the forward
+    and once in grad_x, so at most one layer's m x n transient exists at a time.
 
 An integer tensor cannot carry `.grad`, and a Python callback inside a compiled backward runs
 only when it is traced (DESIGN.md, "Gradients of quantized weights"). So the weight gradient is
@@ -25,14 +29,40 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lowrank_train.config import knob
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.parameterizations.base import storage_allocated
 
 FORMATS = ("int8", "int4", "nf4")
+MATMULS = ("fused", "dequantize")
 
 
-def _matmul(x: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int) -> Tensor:
-    """x deq(W)^T through the kernels' dispatching op of `fmt`."""
+def matmul_knob():
+    """The `weights.matmul` key of every quantized parameterization (one definition)."""
+    return knob(
+        "fused",
+        "fused: the dequant-matmul kernels (no copy of W); dequantize: deq(W) then the GEMM of "
+        "torch (an m x n transient of one layer, inside the op)",
+    )
+
+
+def _dequantized(codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, dtype) -> Tensor:
+    """deq(W) (out, in) in `dtype` through the kernels' dispatching op of `fmt`."""
+    if fmt == "int8":
+        return kernels.dequantize_int8(codes, scales, group_size, dtype)
+    if fmt == "int4":
+        return kernels.dequantize_int4(codes, scales, shape, group_size, dtype)
+    return kernels.dequantize_nf4(codes, scales, shape, group_size, dtype)
+
+
+def _matmul(
+    x: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, matmul: str
+) -> Tensor:
+    """x deq(W)^T through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
+    if matmul == "dequantize":
+        return torch.nn.functional.linear(
+            x, _dequantized(codes, scales, fmt, shape, group_size, x.dtype)
+        )
     if fmt == "int8":
         return kernels.int8_matmul(x, codes, scales, group_size)
     if fmt == "int4":
@@ -43,9 +73,11 @@ def _matmul(x: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_siz
 
 
 def _matmul_grad_x(
-    g: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int
+    g: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, matmul: str
 ) -> Tensor:
-    """g deq(W) through the kernels' dispatching op of `fmt`."""
+    """g deq(W) through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
+    if matmul == "dequantize":
+        return g @ _dequantized(codes, scales, fmt, shape, group_size, g.dtype)
     if fmt == "int8":
         return kernels.int8_matmul_grad_x(g, codes, scales, group_size)
     if fmt == "int4":
@@ -62,13 +94,14 @@ def _quantized_linear(
     shape: Sequence[int],
     group_size: int,
     grad_buffer: Tensor | None,
+    matmul: str,
 ) -> Tensor:
     # grad_buffer is an input only so that the backward can reach it; the forward reads nothing
-    return _matmul(x, codes, scales, fmt, list(shape), group_size)
+    return _matmul(x, codes, scales, fmt, list(shape), group_size, matmul)
 
 
 @_quantized_linear.register_fake
-def _(x, codes, scales, fmt, shape, group_size, grad_buffer):
+def _(x, codes, scales, fmt, shape, group_size, grad_buffer, matmul):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
@@ -93,8 +126,8 @@ def _(grad_buffer, g, x):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, codes, scales, fmt, shape, group_size, grad_buffer = inputs
-    ctx.fmt, ctx.shape, ctx.group_size = fmt, list(shape), group_size
+    x, codes, scales, fmt, shape, group_size, grad_buffer, matmul = inputs
+    ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul = fmt, list(shape), group_size, matmul
     ctx.has_buffer = grad_buffer is not None
     ctx.save_for_backward(x, codes, scales, grad_buffer)
 
@@ -106,8 +139,8 @@ def _backward(ctx, g: Tensor):
         _accumulate_weight_grad(grad_buffer, g, x)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _matmul_grad_x(g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size)
-    return grad_x, None, None, None, None, None, None
+        grad_x = _matmul_grad_x(g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul)
+    return grad_x, None, None, None, None, None, None, None
 
 
 _quantized_linear.register_autograd(_backward, setup_context=_setup)
@@ -121,14 +154,24 @@ def quantized_linear(
     shape: Sequence[int],
     group_size: int,
     grad_buffer: Tensor | None,
+    matmul: str = "fused",
 ) -> Tensor:
     """y = x deq(W)^T for a quantized W of `shape` (out, in); differentiable in x.
 
     `codes`, `scales`: the kernels' storage of `fmt` (int8: codes (out, in); int4, nf4: packed
     uint8 of numel/2), groups of `group_size` over the row-major flattened W. The backward gives
     grad_x = g deq(W) and, when `grad_buffer` ((out, in), fp32 or bf16) is given, adds g^T x
-    into it (micro-batches accumulate; whoever consumes it zeroes it).
+    into it (micro-batches accumulate; whoever consumes it zeroes it). `matmul`: fused or
+    dequantize (the module docstring).
     """
     if fmt not in FORMATS:
         raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
-    return _quantized_linear(x, codes, scales, fmt, list(shape), group_size, grad_buffer)
+    if matmul not in MATMULS:
+        raise ValueError(f"quantized matmul {matmul!r} is not one of {', '.join(MATMULS)}")
+    return _quantized_linear(x, codes, scales, fmt, list(shape), group_size, grad_buffer, matmul)
+
+
+def dequantized_bytes(layer_shape, dtype: torch.dtype, matmul: str) -> int:
+    """Bytes the op allocates beyond its output: the dequantized W under `dequantize`."""
+    out, inp = layer_shape
+    return out * inp * dtype.itemsize if matmul == "dequantize" else 0
