@@ -66,8 +66,9 @@ if TYPE_CHECKING:
 PARAM_SCALE_FLOOR = 1e-3  # Adafactor's eps2: the relative step of a weight near zero
 
 
-def rms(x: Tensor) -> Tensor:
-    return x.norm() / x.numel() ** 0.5
+def rms(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """RMS(x), accumulated in `dtype` without an upcast copy of x."""
+    return torch.linalg.vector_norm(x, dtype=dtype) / x.numel() ** 0.5
 
 
 @PROJECTORS.register
@@ -144,34 +145,39 @@ class Flora(Projector):
         return low @ (old.T @ new) if side == "right" else (new.T @ old) @ low
 
     # -- the step ----------------------------------------------------------------------------
+    # Passes over the m x n gradient are the step's cost: the row and column statistics are
+    # norms accumulated in fp32 (no G^2 or fp32 copy of G), u is the one full-size fp32
+    # temporary, o is formed in place over it by one GEMM (addmm_), and the clip, the scale and
+    # the relative step reach W in one fused multiply-add.
 
     def step_parts(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict):
-        """(o, relative factor): the clipped, scaled Adafactor-Flora output and max(1e-3,
-        RMS(W)) (1 without scale_parameter), as 0-d tensors where they can be: no host sync."""
+        """(o, k, relative factor): the Adafactor-Flora output before its clip, k = scale /
+        max(1, RMS(o) / clip), and max(1e-3, RMS(W)) (1 without scale_parameter), the last two
+        0-d tensors: no host sync. Flora's move is W <- W - lr factor k o (decay aside)."""
         o_ = self.options
         dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        g = grad.to(dtype)
         side = state["side"]
-        sq = g * g + o_.eps
+        m, n = grad.shape
         beta2t = 1.0 - step ** (-o_.decay_rate)
-        state["row"].mul_(beta2t).add_(sq.mean(dim=1).to(state["row"].dtype), alpha=1 - beta2t)
-        state["col"].mul_(beta2t).add_(sq.mean(dim=0).to(state["col"].dtype), alpha=1 - beta2t)
+        for key, dim, count in (("row", 1, n), ("col", 0, m)):  # mean(G^2 + eps) per row, column
+            mean_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=dtype).square_() / count
+            state[key].mul_(beta2t).add_((mean_sq + o_.eps).to(state[key].dtype), alpha=1 - beta2t)
         row, col = state["row"].to(dtype), state["col"].to(dtype)
-        u = g * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        u = torch.mul(grad, (row / row.mean()).rsqrt()[:, None].to(dtype))  # G in dtype, one pass
+        u.mul_(col.rsqrt()[None, :])
         b1 = o_.beta1
         if b1 > 0:
-            basis = self.projection(state, state["index"], g.shape, dtype, g.device)
-            m, n = g.shape
+            basis = self.projection(state, state["index"], grad.shape, dtype, grad.device)
             low_shape = (m, o_.rank) if side == "right" else (o_.rank, n)
             momentum = (
                 read_moment(state, "exp_avg").to(dtype)
                 if "exp_avg" in state
-                else torch.zeros(low_shape, dtype=dtype, device=g.device)
+                else torch.zeros(low_shape, dtype=dtype, device=grad.device)
             )
-            o = (1 - b1) * u + b1 * self.up(momentum, basis, side)
+            previous, previous_basis = momentum, basis  # o reads M_(t-1) in the old projection
             if self.needs_refresh(state, step):
                 state["index"] += 1
-                new = self.projection(state, state["index"], g.shape, dtype, g.device)
+                new = self.projection(state, state["index"], grad.shape, dtype, grad.device)
                 if o_.moments_at_refresh == "reset":
                     momentum = torch.zeros_like(momentum)
                 else:
@@ -179,30 +185,32 @@ class Flora(Projector):
                 basis = new
             momentum = b1 * momentum + (1 - b1) * self.down(u, basis, side)
             write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
-        else:
-            o = u
-        o = o / torch.clamp(rms(o) / o_.clip, min=1.0)
-        if o_.scale != 1:
-            o = o * o_.scale
+            # o = (1 - b1) u + b1 up(M_(t-1)), written over u (down(u) is already taken)
+            if side == "right":
+                u.addmm_(previous, previous_basis.T, beta=1 - b1, alpha=b1)
+            else:
+                u.addmm_(previous_basis, previous, beta=1 - b1, alpha=b1)
+        o = u
+        k = o_.scale / torch.clamp(rms(o, dtype) / o_.clip, min=1.0)
         if o_.scale_parameter:
-            factor = torch.clamp(rms(param.to(dtype)), min=PARAM_SCALE_FLOOR)
+            factor = torch.clamp(rms(param, dtype), min=PARAM_SCALE_FLOOR)
         else:
-            factor = torch.ones((), dtype=dtype, device=g.device)
-        return o, factor
+            factor = torch.ones((), dtype=dtype, device=grad.device)
+        return o, k, factor
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
-        """max(1e-3, RMS(W)) * o: W <- W - lr * direction is Flora's move (decay aside)."""
-        o, factor = self.step_parts(param, grad, state, step, hp)
-        return o * factor
+        """max(1e-3, RMS(W)) k o: W <- W - lr * direction is Flora's move (decay aside)."""
+        o, k, factor = self.step_parts(param, grad, state, step, hp)
+        return o.mul_(k * factor)
 
     def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
         """Adafactor's order: the relative step from RMS(W) before the decay, then
-        W <- W - rho wd W and W <- W - rho o, with rho = lr max(1e-3, RMS(W))."""
-        o, factor = self.step_parts(param, grad, state, step, hp)
+        W <- W - rho wd W and W <- W - rho k o, with rho = lr max(1e-3, RMS(W))."""
+        o, k, factor = self.step_parts(param, grad, state, step, hp)
         rho = factor * hp["lr"]
         if hp["weight_decay"]:
             param.mul_((1 - rho * hp["weight_decay"]).to(param.dtype))
-        param.sub_((o * rho).to(param.dtype))
+        param.addcmul_(o, -rho * k)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """M of D x r in state_dtype (absent with beta1 0) + the fp32 factored second moment
