@@ -566,6 +566,7 @@ def planned(config: Path, overrides: list[str]) -> dict:
                     k: v / GIB for k, v in plan.get("components", {}).items()
                 },
                 "planned_suggestions": plan.get("suggestions", []),
+                "planned_peak_phase": plan.get("peak_phase"),
             }
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             return {"planned_gib": None, "planned_error": f"unreadable estimate JSON: {e}"}
@@ -698,6 +699,9 @@ def bench_main(
         if args.list:
             print("\n".join(c["id"] for c in cases))
             return
+        if args.plan_only:
+            print(plan_table(cases))
+            return
         extra = {"extra_metrics": extra_metrics} if extra_metrics else {}
         rows = run_matrix(
             script,
@@ -712,6 +716,31 @@ def bench_main(
     png = plot(rows, args.out_dir / png_name, title)
     if png:
         print(f"plot: {png}")
+
+
+def plan_table(cases: list[dict]) -> str:
+    """The planner's verdict on each of our cases (nothing runs): the README's "which methods
+    fit" table, with the peak phase and, where a case does not fit, what would make it."""
+    lines = [
+        "| case | planned GiB | fits the cap | peak phase | largest components (GiB) | "
+        "what the planner suggests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        if case["provider"] != "ours":
+            continue
+        plan = planned(Path(case["config"]), case["overrides"])
+        if plan.get("planned_gib") is None:
+            lines.append(f"| {case['id']} | - | - | - | {plan['planned_error']} | - |")
+            continue
+        parts = sorted(plan["planned_components_gib"].items(), key=lambda kv: -kv[1])[:3]
+        fits = "yes" if plan["planned_fits"] else "**no**"
+        lines.append(
+            f"| {case['id']} | {plan['planned_gib']:.2f} | {fits} | {plan['planned_peak_phase']} | "
+            f"{', '.join(f'{k} {v:.2f}' for k, v in parts)} | "
+            f"{'; '.join(plan['planned_suggestions']) or '-'} |"
+        )
+    return "\n".join(lines)
 
 
 def run_matrix(
@@ -870,3 +899,8 @@ def add_common_arguments(ap, sizes: str, steps_help: str) -> None:
         help="no runs: the table and PNG from these results files",
     )
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
+    ap.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print the planner's verdict on each of our cases (CPU is enough) and exit",
+    )

@@ -27,6 +27,7 @@ from lowrank_train.errors import ConfigError
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
 from lowrank_train.precision import Precision, resolve_precision
+from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.galore import BATCH_BYTES, SVDProjector
 
 GIB = 2**30
@@ -492,6 +493,15 @@ def candidate_changes(cfg: RunConfig) -> list[dict[str, object]]:
         accum = cfg.train.grad_accum * cfg.train.batch_size // half
         if half * accum == cfg.train.batch_size * cfg.train.grad_accum:
             out.append({"train.batch_size": half, "train.grad_accum": accum})
+    projector = cfg.optim.projector.name
+    if (
+        getattr(cfg.optim, "per_layer", False)
+        and cfg.train.grad_accum > 1
+        and cfg.optim.per_layer_accumulation == "full"
+        and projector != "none"
+        and getattr(PROJECTORS.get(projector), "accumulates_projected", False)
+    ):  # the documented deviation: the refresh reads the first micro-batch's gradient
+        out.append({"optim.per_layer_accumulation": "projected"})
     if cfg.optim.name == "adamw":
         out.append({"optim.name": "adamw8bit"})
     if cfg.optim.state_dtype != "int8":

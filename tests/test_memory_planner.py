@@ -343,3 +343,19 @@ def test_a_dequantizing_layer_plans_its_copy_of_w_in_forward_and_backward(tiny_r
     loss = 2 * 4 * (4 * 32) * VOCAB  # eager: two fp32 T x V (batch 4, seq 32)
     assert deq.phases["forward"] - fused.phases["forward"] == copy - loss
     assert deq.phases["backward"] > fused.phases["backward"]
+
+
+def test_per_layer_accumulation_of_galore_suggests_the_projected_sums(tiny_run):
+    """Per-layer GaLore under accumulation holds every full gradient; the planner offers the
+    documented alternative (projected sums) with what it saves, and not for a projector whose
+    update reads the full gradient."""
+    over = ["optim.per_layer=true", "train.clip_grad_norm=0", "train.grad_accum=2"]
+    over += ["memory.cap_gib=0.01"]
+    cfg, _ = load_run(tiny_run(), [*over, "optim.projector.name=galore", "optim.projector.rank=8"])
+    plan = plan_run(cfg, "cuda", VOCAB)
+    change = {"optim.per_layer_accumulation": "projected"}
+    saved = plan.total_bytes - plan_run(with_changes(cfg, change), "cuda", VOCAB).total_bytes
+    assert saved > 0
+    assert f"optim.per_layer_accumulation=projected saves {saved / GIB:.2f} GiB" in plan.suggestions
+    cfg, _ = load_run(tiny_run(), [*over, "optim.projector.name=apollo", "optim.projector.rank=8"])
+    assert not any("per_layer_accumulation" in s for s in plan_run(cfg, "cuda", VOCAB).suggestions)
