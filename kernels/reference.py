@@ -114,8 +114,9 @@ def _unblock(blocks: Tensor, numel: int, shape) -> Tensor:
 
 
 def _round_half_away(v: Tensor) -> Tensor:
-    """sign(v) * floor(|v| + 0.5), the linear formats' rounding (the kernels do the same ops)."""
-    return torch.where(v < 0, -torch.floor(-v + 0.5), torch.floor(v + 0.5))
+    """sign(v) * floor(|v| + 0.5), the linear formats' rounding, as trunc(v + copysign(0.5, v)):
+    the same values (v - 0.5 is exactly -(-v + 0.5)) in three passes instead of seven."""
+    return torch.copysign(torch.full_like(v, 0.5), v).add_(v).trunc_()
 
 
 def _safe(scale: Tensor) -> Tensor:
@@ -238,7 +239,7 @@ def quantize_int8(x: Tensor, group_size: int = 256) -> tuple[Tensor, Tensor]:
     _check_block(group_size, "group_size")
     blocks = _blocks(x, group_size)
     scales = blocks.abs().amax(dim=1) / 127.0
-    q = _round_half_away(blocks / _safe(scales)[:, None]).clamp(-127, 127)
+    q = _round_half_away(blocks / _safe(scales)[:, None]).clamp_(-127, 127)
     return _unblock(q.to(torch.int8), x.numel(), x.shape), scales
 
 

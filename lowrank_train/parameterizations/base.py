@@ -180,8 +180,9 @@ def swap_linears(
 
     Layer by layer: the fp32 Linear exists for one layer at a time, its init drawn on the CPU
     from a generator seeded by (seed, layer name), so every device, rank and method sees the same
-    dense init. `convert` applies the run's `dtype` as its method means it; this helper only
-    moves the result to `device` (a blanket cast would turn fp32 scales bf16). With `device` meta
+    dense init; it is then moved to `device`, where `convert` runs (the method's own draws still
+    come from its CPU generator). `convert` applies the run's `dtype` as its method means it;
+    this helper only moves the result to `device` (a blanket cast would turn fp32 scales bf16). With `device` meta
     nothing is drawn (a structural build, for checks and planning): `convert` then receives a
     meta Linear and must not read its values. Returns the count.
     """
@@ -197,6 +198,9 @@ def swap_linears(
         if device.type != "meta":
             linear = linear.to_empty(device="cpu")
             init_linear_(linear, generator(seed, full), std)
+            # converted where it will run: a quantizer or an SVD of the init runs on the GPU
+            # (at 7B the CPU reference quantizer took most of a minute; LOST's 224 SVDs more)
+            linear = linear.to(device)
         layer = parameterization.convert(linear, full, generator(seed, full, "method"), dtype)
         setattr(parent, attr, layer.to(device=device))
         count += 1
