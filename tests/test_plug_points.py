@@ -336,3 +336,23 @@ def test_export_of_a_layer_without_a_dense_weight_is_one_line(tiny_run, tmp_path
     assert main(["export", str(tmp_path / "runs" / "cola"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no dense weight" in err, err
+
+
+def test_inits_drawn_ahead_on_threads_equal_the_serial_draws(monkeypatch):
+    """swap_linears draws a few layers ahead on a pool; each layer's init still comes from its
+    own generator of (seed, name), so the values and their order are the serial ones."""
+    from lowrank_train.parameterizations import base
+
+    monkeypatch.setattr(base, "DRAWS_AHEAD", 3)
+    targets = [
+        (f"layers.{i}.proj", None, None, torch.nn.Linear(8 + i, 5, bias=i % 2 == 0, device="meta"))
+        for i in range(7)
+    ]
+    ahead = list(base.drawn_ahead(targets, 11, 0.02))
+    for (name, _, _, meta), linear in zip(targets, ahead, strict=True):
+        serial = base.drawn_linear(meta, name, 11, 0.02)
+        assert torch.equal(linear.weight, serial.weight) and linear.weight.shape == (
+            5,
+            8 + int(name.split(".")[1]),
+        )
+        assert (linear.bias is None) == (serial.bias is None)

@@ -8,7 +8,10 @@ device, so no dense copy of the whole model ever exists. The trainer only calls 
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
@@ -74,6 +77,9 @@ def released_tensor(shape, dtype: torch.dtype, device) -> Tensor:
 def storage_allocated(t: Tensor) -> bool:
     """Whether t has its memory (False after `release_storage`: touching it would crash)."""
     return t.untyped_storage().nbytes() >= t.numel() * t.element_size()
+
+
+DRAWS_AHEAD = max(1, min(16, os.cpu_count() or 1))  # fp32 inits drawn at once (one per core)
 
 
 class ParameterizedLinear(nn.Module):
@@ -167,6 +173,39 @@ def targeted_linears(
                 yield full, parent, attr, child
 
 
+def fp32_linear(meta_linear: nn.Linear) -> nn.Linear:
+    """A meta fp32 Linear of `meta_linear`'s shape (no default init to overwrite)."""
+    return nn.Linear(
+        meta_linear.in_features,
+        meta_linear.out_features,
+        bias=meta_linear.bias is not None,
+        dtype=torch.float32,
+        device="meta",
+    )
+
+
+def drawn_linear(meta_linear: nn.Linear, name: str, seed: int, std: float) -> nn.Linear:
+    """The fp32 CPU Linear of `meta_linear`'s shape with the dense init drawn from the
+    generator of (seed, name): the same values on every device, rank and method."""
+    linear = fp32_linear(meta_linear).to_empty(device="cpu")
+    init_linear_(linear, generator(seed, name), std)
+    return linear
+
+
+def drawn_ahead(targets, seed: int, std: float) -> Iterator[nn.Linear]:
+    """`drawn_linear` of each target in order, DRAWS_AHEAD of them at a time on a thread pool:
+    a CPU generator draws on one core (at 7B a serial draw took most of the build), and each
+    target has its own generator, so the values do not depend on the pool."""
+    with ThreadPoolExecutor(max_workers=DRAWS_AHEAD) as pool:
+        pending: deque[Future] = deque()
+        for full, _, _, meta_linear in targets:
+            pending.append(pool.submit(drawn_linear, meta_linear, full, seed, std))
+            if len(pending) == DRAWS_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def swap_linears(
     model: nn.Module,
     parameterization: Parameterization,
@@ -176,34 +215,27 @@ def swap_linears(
     device: torch.device,
     dtype: torch.dtype,
 ) -> int:
-    """Replace each targeted meta-device Linear by `parameterization.convert` of a materialised copy.
+    """Replace each targeted meta-device Linear by `parameterization.convert` of a materialised
+    copy.
 
-    Layer by layer: the fp32 Linear exists for one layer at a time, its init drawn on the CPU
-    from a generator seeded by (seed, layer name), so every device, rank and method sees the same
-    dense init; it is then moved to `device`, where `convert` runs (the method's own draws still
-    come from its CPU generator). `convert` applies the run's `dtype` as its method means it;
-    this helper only moves the result to `device` (a blanket cast would turn fp32 scales bf16). With `device` meta
-    nothing is drawn (a structural build, for checks and planning): `convert` then receives a
-    meta Linear and must not read its values. Returns the count.
+    Layer by layer: each init is drawn in fp32 on the CPU from its own generator (`drawn_ahead`:
+    at most DRAWS_AHEAD + 1 such Linears exist at once), then moved to `device`, where `convert`
+    runs (a quantizer or an SVD of the init runs on the GPU; the method's own draws still come
+    from its CPU generator). `convert` applies the run's `dtype` as its method means it; this
+    helper only moves the result to `device` (a blanket cast would turn fp32 scales bf16). With
+    `device` meta nothing is drawn (a structural build, for checks and planning): `convert` then
+    receives a meta Linear and must not read its values. Returns the count.
     """
-    count = 0
-    for full, parent, attr, meta_linear in targeted_linears(model, target):
-        linear = nn.Linear(
-            meta_linear.in_features,
-            meta_linear.out_features,
-            bias=meta_linear.bias is not None,
-            dtype=torch.float32,
-            device="meta",  # no default init to overwrite: the draw below is the only one
-        )
-        if device.type != "meta":
-            linear = linear.to_empty(device="cpu")
-            init_linear_(linear, generator(seed, full), std)
-            # converted where it will run: a quantizer or an SVD of the init runs on the GPU
-            # (at 7B the CPU reference quantizer took most of a minute; LOST's 224 SVDs more)
-            linear = linear.to(device)
-        layer = parameterization.convert(linear, full, generator(seed, full, "method"), dtype)
-        setattr(parent, attr, layer.to(device=device))
-        count += 1
-    if count == 0:
+    targets = list(targeted_linears(model, target))
+    if not targets:
         raise ValueError(f"no Linear named {target} in the model")
-    return count
+    if device.type == "meta":
+        linears: Iterator[nn.Linear] = (fp32_linear(t[3]) for t in targets)
+    else:
+        linears = drawn_ahead(targets, seed, std)
+    for (full, parent, attr, _), linear in zip(targets, linears, strict=True):
+        layer = parameterization.convert(
+            linear.to(device), full, generator(seed, full, "method"), dtype
+        )
+        setattr(parent, attr, layer.to(device=device))
+    return len(targets)
