@@ -238,26 +238,3 @@ def test_apollo_resumes_bitwise_through_a_resample(tiny_run):
         "checkpoint": {"every": 4},
     }
     assert_resume_is_bitwise(tiny_run, extra, stop_at=4)
-
-
-@pytest.mark.parametrize("method", ["apollo", "apollo_mini"])
-@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
-def test_the_writers_direction_is_the_step_the_fused_update_takes(shape, method):
-    """A quantized weight's writer receives `direction` (c_t k G); a parameter is updated by
-    one addcmul_ (W += -lr c_t k G): the same step, and both keep the limiter's norm alike."""
-    grads = gradients(shape, 5)
-    cls = PROJECTORS.get(method)
-    hp = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}
-    hp["state_dtype"] = "auto"
-    fused, plain = cls(cls.Config(**CASES[method])), cls(cls.Config(**CASES[method]))
-    w = torch.zeros(shape, dtype=torch.float64)
-    states = [fused.init_state(w, NAME), plain.init_state(w, NAME)]
-    w_fused, w_plain = w.clone(), w.clone()
-    for t, g in enumerate(grads, start=1):
-        if t == 1:
-            fused.refresh(g, states[0])
-            plain.refresh(g, states[1])
-        fused.update_(w_fused, g, states[0], t, hp)
-        w_plain -= hp["lr"] * plain.direction(w_plain, g, states[1], t, hp)
-        torch.testing.assert_close(w_fused, w_plain, rtol=1e-12, atol=1e-15)
-    assert float(states[0]["limiter_norm"]) == pytest.approx(float(states[1]["limiter_norm"]))

@@ -45,15 +45,9 @@ from lowrank_train.projectors.base import (
     LowRankAdam,
     LowRankOptions,
     State,
-    limiter_factor,
+    limit_norm_growth,
 )
-from lowrank_train.projectors.fira import (
-    RATIO_EPS,
-    channel_norms,
-    check_gamma,
-    scale_dtype,
-    scaled_norm,
-)
+from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
 from lowrank_train.projectors.subspace import gaussian_basis
 
 if TYPE_CHECKING:
@@ -100,29 +94,10 @@ class Apollo(LowRankAdam):
             channel_norms(low_grad, side, dtype) + RATIO_EPS
         )
 
-    def coefficient(
-        self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State
-    ) -> Tensor:
-        """k = alpha s / f, so that alpha U = k G: s the scales, f the limiter's divisor. f reads
-        ||s G||_F from G's channel norms, sqrt(sum_i s_i^2 ||G_i||^2) (one scale: s ||G||_F),
-        so the step never forms s G or an fp32 copy of it (the code's two m x n passes)."""
-        s = self.scales(low_update, low_grad, grad, state)
-        norm = scaled_norm(grad, s, state["side"])
-        return s * (self.options.scale / limiter_factor(norm, state, self.options.gamma))
-
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        return grad * self.coefficient(low_update, low_grad, grad, state).to(grad.dtype)
-
-    def direction(self, param, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
-        """c_t k G in one pass over G (the writers' update)."""
-        low_update, low_grad, correction = self.moments_step(grad, state, hp)
-        k = self.coefficient(low_update, low_grad, grad, state) * correction
-        return grad * k.to(grad.dtype)
-
-    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha k G as one fused multiply-add over G (addcmul_), no m x n temporary."""
-        k = self.coefficient(low_update, low_grad, grad, state)
-        param.addcmul_(grad.to(param.dtype), k, value=alpha)
+        s = self.scales(low_update, low_grad, grad, state)
+        limited = limit_norm_growth(grad * s.to(grad.dtype), state, self.options.gamma)
+        return limited * self.options.scale
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r, the stored d x r projection (the code's choice; the paper would

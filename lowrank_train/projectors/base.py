@@ -189,9 +189,7 @@ def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None 
 
 def limit_norm_growth(update: Tensor, state: State, gamma: float) -> Tensor:
     """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||."""
-    # accumulated in fp32 at least, without an upcast copy of the update
-    norm = torch.linalg.vector_norm(update, dtype=torch.promote_types(update.dtype, torch.float32))
-    return update / limiter_factor(norm.float(), state, gamma).to(update.dtype)
+    return update / limiter_factor(update.float().norm(), state, gamma).to(update.dtype)
 
 
 def limiter_factor(norm: Tensor, state: State, gamma: float) -> Tensor:

@@ -47,17 +47,6 @@ def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
     return low.to(dtype).norm(dim=1 if side == "right" else 0, keepdim=True)
 
 
-def scaled_norm(grad: Tensor, s: Tensor, side: str) -> Tensor:
-    """||s G||_F for channel scales s ((m, 1) right, (1, n) left, or 0-d), from G's channel
-    norms accumulated in s's dtype: no m x n product or upcast copy of G is formed."""
-    if s.ndim == 0:
-        return s * torch.linalg.vector_norm(grad, dtype=s.dtype)
-    norms = torch.linalg.vector_norm(
-        grad, dim=1 if side == "right" else 0, keepdim=True, dtype=s.dtype
-    )
-    return torch.linalg.vector_norm(s * norms)
-
-
 def scale_dtype(grad: Tensor) -> torch.dtype:
     """The scales' precision: fp32 at least (bf16 norms are coarse), float64 for float64."""
     return torch.promote_types(grad.dtype, torch.float32)
