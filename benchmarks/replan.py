@@ -64,7 +64,9 @@ def main() -> None:
     if args.json:
         print("\n".join(json.dumps(r) for r in out))
         return
-    print("| model | method | call | planned GiB | measured peak_gib | planned / measured | activations |")
+    print(
+        "| model | method | call | planned GiB | measured peak_gib | planned / measured | activations |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in out:
         print(

@@ -39,7 +39,9 @@ FP32 = 4
 # 0.23-0.37 GiB at 350m, 0.64-1.25 at 1b, 0.44-0.75 at 7b and 13b; benchmarks/replan.py)
 ALLOCATOR_SLACK_BASE = int(0.25 * GIB)
 ALLOCATOR_SLACK_FRACTION = 0.04
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the H200's measured 0.51 GiB; MemoryMonitor reads the real one
+CUDA_CONTEXT_BYTES = int(
+    0.5 * GIB
+)  # the H200's measured 0.51 GiB; MemoryMonitor reads the real one
 CPU_RUNTIME_BYTES = int(0.4 * GIB)  # CPU: max RSS of Python with lowrank_train and torch imported
 SVD_WORKSPACE = 4  # a batched refresh: the fp32 input batch, then ~3x it in QR/eigh temporaries
 EXTRA_TOKENS = 7  # token count of the probe forward of one parameterized layer (see layer_extra)

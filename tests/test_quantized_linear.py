@@ -148,7 +148,8 @@ def test_the_dequantized_copy_is_what_the_layer_declares_and_only_under_dequanti
 ):
     """transient_bytes (the planner's figure) against the copies the op really makes: one
     (out, in) deq(W) in the activations' dtype in the forward and one in grad_x, none fused."""
-    from lowrank_train.parameterizations import int8, quantized as mechanism
+    from lowrank_train.parameterizations import int8
+    from lowrank_train.parameterizations import quantized as mechanism
 
     made = []
     real = mechanism._dequantized
