@@ -4,6 +4,8 @@ refresh, state bytes)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from projector_cases import gradients, run_projector
@@ -211,3 +213,40 @@ def test_a_rank_above_a_targeted_tensors_smaller_side_is_one_line_naming_it(tiny
     assert len(err.splitlines()) == 1, err
     assert "optim.projector.rank: 65 is above the smaller dimension of" in err
     assert "model.layers.0.self_attn.q_proj.weight (64, 64) (at most 64)" in err
+
+
+def tall(d: int, w: int, condition: float, seed: int) -> torch.Tensor:
+    """A (d, w) fp32 matrix with singular values spread log-evenly from 1 to 1 / condition."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, w, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(w, w, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -math.log10(condition), w, dtype=torch.float64)
+    return ((u * s) @ v.T).float()
+
+
+@pytest.mark.parametrize("condition, householder", [(1e2, False), (1e5, False), (1e9, True)])
+def test_orthonormal_spans_y_with_orthonormal_columns(monkeypatch, condition, householder):
+    """Shifted CholeskyQR3 (and, past its range of about 1 / eps, the Householder fallback)
+    gives Q^T Q = I and Q Q^T Y = Y in fp32; Householder runs only past that range."""
+    from lowrank_train.projectors import subspace
+
+    y = tall(200, 24, condition, seed=0)
+    used = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a: used.append(1) or qr(a))
+    q = subspace.orthonormal(y)
+    assert bool(used) == householder
+    eye = torch.eye(24)
+    torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=5e-6)
+    residual = (y - q @ (q.T @ y)).norm() / y.norm()
+    assert residual < 1e-5, residual
+
+
+def test_orthonormal_in_a_batch_gives_each_matrix_what_it_gets_alone():
+    """A batch mixing a matrix CholeskyQR2 handles and one it must hand to Householder."""
+    from lowrank_train.projectors.subspace import orthonormal
+
+    ys = torch.stack([tall(120, 16, 1e2, seed=1), tall(120, 16, 1e9, seed=2)])
+    batched = orthonormal(ys)
+    for y, q in zip(ys, batched, strict=True):
+        torch.testing.assert_close(q, orthonormal(y), rtol=1e-5, atol=1e-6)

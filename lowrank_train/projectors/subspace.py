@@ -48,6 +48,43 @@ def _rayleigh_ritz(a: Tensor, q: Tensor, rank: int) -> Tensor:
     return (q @ vectors[..., -rank:].flip(-1)).contiguous()
 
 
+def orthonormal(y: Tensor) -> Tensor:
+    """An orthonormal basis of span(Y), Y (..., d, w) with w <= d: shifted CholeskyQR3 (Fukaya
+    et al. 2020). Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift in the first), so the
+    span never changes, only the conditioning: the shifted pass brings any Y with condition
+    number below about 1 / eps into CholeskyQR2's range, and two plain passes make Q orthonormal
+    to working precision. A w x w Gram, a Cholesky and a triangular solve per pass, where a
+    Householder QR of the tall d x w matrix is latency-bound on a GPU (it was most of a refresh
+    at 1B). A matrix whose Cholesky still fails gets a Householder QR, alone, so a batch gives
+    each matrix what it gets by itself."""
+    d, w = y.shape[-2:]
+    unit = torch.finfo(y.dtype).eps / 2
+    shift = 11 * (d * w + w * (w + 1)) * unit * y.square().sum(dim=(-2, -1), keepdim=True)
+    eye = torch.eye(w, dtype=y.dtype, device=y.device)
+    q = y
+    for shifted in (True, False, False):
+        gram = q.mT @ q + (shift * eye if shifted else 0)
+        r, info = torch.linalg.cholesky_ex(gram, upper=True)
+        bad = info != 0
+        if bool(bad.any()):  # one host sync per pass, at refreshes only
+            return _householder_where(y, bad)
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+    return q
+
+
+def _householder_where(y: Tensor, bad: Tensor) -> Tensor:
+    """orthonormal(y) with the matrices flagged `bad` by Householder QR, the rest again by
+    shifted CholeskyQR3."""
+    if y.ndim == 2:
+        return torch.linalg.qr(y)[0]
+    good = ~bad
+    out = torch.empty_like(y)
+    out[bad] = torch.linalg.qr(y[bad])[0]
+    if bool(good.any()):
+        out[good] = orthonormal(y[good])
+    return out
+
+
 def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> Tensor:
     """One (rows, cols) N(0, 1) draw per generator (on the CPU: device-independent), stacked
     to like's batch shape."""
@@ -57,12 +94,19 @@ def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> T
 
 
 def randomized_basis(a: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
-    """Halko-Martinsson-Tropp range finder: Y = (A A^T)^q A Omega with a QR after every product."""
+    """Halko-Martinsson-Tropp range finder: Y = (A A^T)^q A Omega, orthonormalized after every
+    product."""
     d, big = a.shape[-2:]
-    q, _ = torch.linalg.qr(a @ _draws(gens, big, min(d, rank + OVERSAMPLE), a))
-    for _ in range(POWER_ITERATIONS):
-        q, _ = torch.linalg.qr(a @ (a.mT @ q))
-    return _rayleigh_ritz(a, q, rank)
+    q = orthonormal(a @ _draws(gens, big, min(d, rank + OVERSAMPLE), a))
+    return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS), rank)
+
+
+def _power_iterations(a: Tensor, q: Tensor, count: int) -> Tensor:
+    """Q <- orth(A orth(A^T Q)), `count` times: each product orthonormalized on its own, so a
+    factor's condition number grows by s_1 / s_w, not its square."""
+    for _ in range(count):
+        q = orthonormal(a @ orthonormal(a.mT @ q))
+    return q
 
 
 def warm_basis(a: Tensor, previous: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
@@ -73,10 +117,7 @@ def warm_basis(a: Tensor, previous: Tensor, rank: int, gens: list[torch.Generato
     start = previous.to(a.dtype)
     if extra > 0:
         start = torch.cat([start, _draws(gens, d, extra, a)], dim=-1)
-    q, _ = torch.linalg.qr(start)
-    for _ in range(WARM_ITERATIONS):
-        q, _ = torch.linalg.qr(a @ (a.mT @ q))
-    return _rayleigh_ritz(a, q, rank)
+    return _rayleigh_ritz(a, _power_iterations(a, orthonormal(start), WARM_ITERATIONS), rank)
 
 
 def svd_basis(
