@@ -238,3 +238,35 @@ def test_apollo_resumes_bitwise_through_a_resample(tiny_run):
         "checkpoint": {"every": 4},
     }
     assert_resume_is_bitwise(tiny_run, extra, stop_at=4)
+
+
+@pytest.mark.parametrize("decay_on", ["updated", "previous"])
+@pytest.mark.parametrize("method", ["apollo", "apollo_mini"])
+def test_a_group_stepped_together_equals_each_tensor_stepped_alone(method, decay_on):
+    """update_many_ (the whole-model step: the group's norms and limiter batched, one addcmul_
+    each) gives each tensor, bit for bit, what it gets stepped alone (per-layer mode): both
+    sides, weight decay, a resample, the limiter's first step, and a tensor a step behind."""
+    shapes = [(24, 16), (16, 24), (24, 16)]
+    grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(shapes)]
+    opts = dict(CASES[method], update_gap=3, decay_on=decay_on)
+
+    def optimizer(params, names):
+        cls = PROJECTORS.get(method)
+        groups = [{"params": params, "param_names": names}]
+        return ProjectedOptimizer(groups, cls(cls.Config(**opts)), lr=1e-2, weight_decay=0.5)
+
+    together = [torch.nn.Parameter(start(shape).float()) for shape in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
+    group = optimizer(together, [f"t{i}" for i in range(3)])
+    singles = [optimizer([p], [f"t{i}"]) for i, p in enumerate(alone)]
+    for t in range(6):
+        for i, (p, q, g) in enumerate(zip(together, alone, grads, strict=True)):
+            # the last tensor joins a step late: its c_t and its limiter lag the others'
+            late = i == 2 and t == 0
+            p.grad, q.grad = (None, None) if late else (g[t].float().clone(), g[t].float().clone())
+        group.step()
+        for opt in singles:
+            opt.step()
+        for p, q in zip(together, alone, strict=True):
+            assert torch.equal(p, q), t
+        assert not torch.equal(together[0], start(shapes[0]).float())

@@ -115,6 +115,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     due.append((self.projector.refresh_input(self._weight(p), grad), name, state))
         if due:
             self._refresh(due, live[0][2]["step"], live[0][0].device)
+        plain: dict[int, tuple[dict, list]] = {}  # per group: the tensors update_many_ steps
         for p, grad, state, group in live:
             if any(key not in state for key in self.projector.shared_keys):
                 continue  # no basis yet (the first refresh failed): nothing to step with
@@ -125,13 +126,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     p, grad, state, state["step"], group, low_grad=low.to(grad.dtype)
                 )
             elif writer is None:
-                self.projector.update_(p, grad, state, state["step"], group)
+                plain.setdefault(id(group), (group, []))[1].append((p, grad, state, state["step"]))
             else:  # written back with one stochastic rounding; W dequantized only if read
                 t = state["step"]
                 weight = writer.weight() if self.projector.reads_weight else None
                 update = self.projector.direction(weight, grad, state, t, group)
                 del weight  # the fp32 copy of W goes before the write allocates its own
                 writer.write(update, group["lr"], group["weight_decay"], t)
+        for group, items in plain.values():
+            self.projector.update_many_(items, group)
 
     def _weight(self, p: Tensor) -> Tensor:
         """W as a projector reads it: the parameter, or a writer's dequantized weight."""

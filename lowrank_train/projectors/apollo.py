@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
@@ -46,6 +47,7 @@ from lowrank_train.projectors.base import (
     LowRankOptions,
     State,
     limit_norm_growth,
+    limiter_factors,
 )
 from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
 from lowrank_train.projectors.subspace import gaussian_basis
@@ -54,11 +56,30 @@ if TYPE_CHECKING:
     from lowrank_train.config import RunConfig
 
 
+def bias_corrections(values: list[float], dtype: torch.dtype, device) -> float | Tensor:
+    """The tensors' c_t as one Python number when they agree (the usual case), else a (b,)
+    tensor filled on the device: a list copied from the host would wait for the stream. Both
+    multiply a tensor alike (the number is cast to its dtype), so a tensor's update does not
+    depend on whether its group agrees."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+
+
+def channel_scaled_norm(grad: Tensor, s: Tensor, side: str) -> Tensor:
+    """||s G||_F for channel scales s ((m, 1) on the right, (1, n) on the left) from G's channel
+    norms, accumulated in s's dtype: no m x n product is formed."""
+    dim = 1 if side == "right" else 0
+    channels = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=s.dtype)
+    return torch.linalg.vector_norm(s * channels)
+
+
 @PROJECTORS.register
 class Apollo(LowRankAdam):
     """The raw gradient rescaled per channel by Adam's norm ratio on a random rank-r projection."""
 
     name = "apollo"
+    tensor_wise = False  # one scale per channel (APOLLO-Mini: one per tensor)
 
     @dataclass
     class Config(LowRankOptions):
@@ -99,6 +120,53 @@ class Apollo(LowRankAdam):
         limited = limit_norm_growth(grad * s.to(grad.dtype), state, self.options.gamma)
         return limited * self.options.scale
 
+    def update_(self, param, grad, state, step, hp, low_grad=None) -> None:
+        """One tensor through `update_many_`: the same arithmetic whether a tensor steps alone
+        (per-layer mode) or with its group (the whole-model step), bit for bit on the CPU."""
+        if low_grad is not None:  # resolve refuses projected accumulation: APOLLO reads all of G
+            raise ValueError("APOLLO's update reads the full gradient, not a projected sum")
+        self.update_many_([(param, grad, state, step)], hp)
+
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """W <- W - lr c_t k G for a group's tensors, the step's small ops batched across them: per
+        tensor remain R = down(G), the Adam kernel, its scales (APOLLO) and W += -lr c k G (one
+        addcmul_); the limiter reads ||s G||_F from ||G|| and the scales (s ||G||_F for
+        APOLLO-Mini, sqrt(sum_i s_i^2 ||G_i||^2) per channel) and runs once on the group's
+        stacked norms, and APOLLO-Mini's norms are multi-tensor kernels. The same update as
+        `update_` up to rounding (the norm is taken of G in fp32, not of the rounded s G)."""
+        params = [p for p, _, _, _ in items]
+        grads = [g for _, g, _, _ in items]
+        states = [s for _, _, s, _ in items]
+        steps = [self.moments_step(g, s, hp) for g, s in zip(grads, states, strict=True)]
+        dtype = scale_dtype(grads[0])
+        corrections = bias_corrections([c for _, _, c in steps], dtype, grads[0].device)
+        if self.tensor_wise:
+            n_norms = torch._foreach_norm([n for n, _, _ in steps], 2, dtype=dtype)
+            r_norms = torch._foreach_norm([r for _, r, _ in steps], 2, dtype=dtype)
+            s = torch.stack(n_norms) / (torch.stack(r_norms) + RATIO_EPS)
+            norms = s * torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+            factors = limiter_factors(norms, states, self.options.gamma)
+            ks = list((s * (self.options.scale / factors * corrections)).unbind())
+        else:
+            scales = [
+                self.scales(n, r, g, st)
+                for (n, r, _), g, st in zip(steps, grads, states, strict=True)
+            ]
+            norms = torch.stack(
+                [
+                    channel_scaled_norm(g, sc, st["side"])
+                    for g, sc, st in zip(grads, scales, states, strict=True)
+                ]
+            )
+            factors = limiter_factors(norms, states, self.options.gamma)
+            coef = (self.options.scale / factors * corrections).unbind()
+            ks = [(sc * c).to(p.dtype) for sc, c, p in zip(scales, coef, params, strict=True)]
+        self.decay_many_(params, hp, before_update=True)
+        torch._foreach_addcmul_(
+            params, [g.to(p.dtype) for g, p in zip(grads, params, strict=True)], ks, value=-hp["lr"]
+        )
+        self.decay_many_(params, hp, before_update=False)
+
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r, the stored d x r projection (the code's choice; the paper would
         store only the seed) and the limiter's fp32 norm."""
@@ -110,6 +178,7 @@ class ApolloMini(Apollo):
     """APOLLO at rank 1 with one scale per tensor (the norm ratio of Adam on a random vector)."""
 
     name = "apollo_mini"
+    tensor_wise = True
 
     @dataclass
     class Config(Apollo.Config):

@@ -106,6 +106,18 @@ class Projector:
         param.add_(self.direction(param, grad, state, step, hp).to(param.dtype), alpha=-hp["lr"])
         self.decay_(param, hp, before_update=False)
 
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """`update_` of each (param, grad, state, step) of one parameter group. A projector
+        whose step is a chain of small per-tensor ops batches them across the group here (the
+        whole-model step's cost is then op dispatch, not arithmetic)."""
+        for param, grad, state, step in items:
+            self.update_(param, grad, state, step, hp)
+
+    def decay_many_(self, params: list[Tensor], hp: dict, before_update: bool) -> None:
+        """`decay_` of several parameters in one multi-tensor kernel."""
+        if hp["weight_decay"] and before_update != self.decay_after_update:
+            torch._foreach_mul_(params, 1 - hp["lr"] * hp["weight_decay"])
+
     def decay_(self, param: Tensor, hp: dict, before_update: bool) -> None:
         """W <- W - lr * wd * W, after the update (GaLore's code: on the updated weight) or
         before it (Adafactor's), as `decay_after_update` says."""
@@ -205,6 +217,28 @@ def limiter_factor(norm: Tensor, state: State, gamma: float) -> Tensor:
         factor = torch.clamp(norm / (previous + 1e-8), min=gamma) / gamma
     state["limiter_norm"] = norm / factor
     return factor
+
+
+def limiter_factors(norms: Tensor, states: list[State], gamma: float) -> Tensor:
+    """`limiter_factor` of several updates at once: norms (b,) fp32, one state each; each
+    state's `limiter_norm` is updated in place (one multi-tensor copy) or created."""
+    previous = [s.get("limiter_norm") for s in states]
+    if all(p is None for p in previous):
+        factors = torch.ones_like(norms)
+    elif all(p is not None for p in previous):
+        factors = torch.clamp(norms / (torch.stack(previous) + 1e-8), min=gamma) / gamma
+    else:  # some tensors are new to the limiter: each as it would be alone
+        factors = torch.stack(
+            [limiter_factor(n, s, gamma) for n, s in zip(norms, states, strict=True)]
+        )
+        return factors
+    limited = list((norms / factors).unbind())
+    if previous[0] is None:
+        for state, value in zip(states, limited, strict=True):
+            state["limiter_norm"] = value.clone()
+    else:
+        torch._foreach_copy_(previous, limited)
+    return factors
 
 
 class LowRankAdam(Projector):
