@@ -43,7 +43,8 @@ def method_cases() -> list[tuple[str, str, int, str]]:
     """(optim.name, projector, grad_accum, weights): both inner optimizers alone and every
     projector under adamw, accumulating 2 micro-batches; without accumulation, the two
     mechanisms (torch's step, ours) and INT8 (its side buffers released and re-acquired);
-    every other parameterization under adamw, INT8 (writers) also under GaLore and Q-GaLore."""
+    every other parameterization under adamw, INT8 (writers) also under GaLore, Q-GaLore and
+    APOLLO(-Mini)."""
     methods = [("adamw", "none"), ("adamw8bit", "none")]
     methods += [("adamw", name) for name in PROJECTORS.names() if name != "none"]
     others = [name for name in PARAMETERIZATIONS.names() if name != "dense"]
@@ -53,6 +54,8 @@ def method_cases() -> list[tuple[str, str, int, str]]:
         + [("adamw", "none", 1, "int8")]
         + [("adamw", "none", 2, name) for name in others]
         + [("adamw", p, 2, "int8") for p in ("galore", "qgalore")]
+        # the 7B recipe's writers: a layer's steps as one batch, the whole model's as another
+        + [("adamw", p, 1, "int8") for p in ("apollo", "apollo_mini")]
     )
 
 

@@ -116,6 +116,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if due:
             self._refresh(due, live[0][2]["step"], live[0][0].device)
         plain: dict[int, tuple[dict, list]] = {}  # per group: the tensors update_many_ steps
+        written: dict[int, tuple[dict, list, list]] = {}  # per group: writers' items, writers
         for p, grad, state, group in live:
             if any(key not in state for key in self.projector.shared_keys):
                 continue  # no basis yet (the first refresh failed): nothing to step with
@@ -128,13 +129,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             elif writer is None:
                 plain.setdefault(id(group), (group, []))[1].append((p, grad, state, state["step"]))
             else:  # written back with one stochastic rounding; W dequantized only if read
-                t = state["step"]
-                weight = writer.weight() if self.projector.reads_weight else None
-                update = self.projector.direction(weight, grad, state, t, group)
-                del weight  # the fp32 copy of W goes before the write allocates its own
-                writer.write(update, group["lr"], group["weight_decay"], t)
+                weight = writer.weight if self.projector.reads_weight else None
+                item = (weight, grad, state, state["step"])
+                written.setdefault(id(group), (group, [], []))[1].append(item)
+                written[id(group)][2].append(writer)
         for group, items in plain.values():
             self.projector.update_many_(items, group)
+        for group, items, writers in written.values():
+            updates = self.projector.directions(items, group)
+            for writer, (_, _, _, t) in zip(writers, items, strict=True):
+                update = next(updates)
+                writer.write(update, group["lr"], group["weight_decay"], t)
+                del update  # before the next is formed: one full-size update at a time
 
     def _weight(self, p: Tensor) -> Tensor:
         """W as a projector reads it: the parameter, or a writer's dequantized weight."""

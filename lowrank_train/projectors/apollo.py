@@ -33,6 +33,7 @@ of successive updates, so both orders give the same update (up to the 1e-8 guard
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -128,13 +129,28 @@ class Apollo(LowRankAdam):
         self.update_many_([(param, grad, state, step)], hp)
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
-        """W <- W - lr c_t k G for a group's tensors, the step's small ops batched across them: per
-        tensor remain R = down(G), the Adam kernel, its scales (APOLLO) and W += -lr c k G (one
-        addcmul_); the limiter reads ||s G||_F from ||G|| and the scales (s ||G||_F for
-        APOLLO-Mini, sqrt(sum_i s_i^2 ||G_i||^2) per channel) and runs once on the group's
-        stacked norms, and APOLLO-Mini's norms are multi-tensor kernels. The same update as
-        `update_` up to rounding (the norm is taken of G in fp32, not of the rounded s G)."""
+        """W <- W - lr k G for a group's tensors (`coefficients`), one addcmul_ each."""
         params = [p for p, _, _, _ in items]
+        grads = [g.to(p.dtype) for (p, g, _, _) in items]
+        ks = self.coefficients(items, hp, [p.dtype for p in params])
+        self.decay_many_(params, hp, before_update=True)
+        torch._foreach_addcmul_(params, grads, ks, value=-hp["lr"])
+        self.decay_many_(params, hp, before_update=False)
+
+    def directions(self, items, hp: dict) -> Iterator[Tensor]:
+        """k G for each writer's tensor, one at a time (`coefficients` for all first)."""
+        ks = self.coefficients(items, hp, [g.dtype for _, g, _, _ in items])
+        for (_, grad, _, _), k in zip(items, ks, strict=True):
+            yield grad * k
+
+    def coefficients(self, items, hp: dict, dtypes: list[torch.dtype]) -> list[Tensor]:
+        """k_i with c_t alpha U_i = k_i G_i, for each (weight, grad, state, step) of a group, the
+        step's small ops batched across them. Per tensor remain R = down(G), the Adam kernel
+        and its scales (APOLLO); the limiter reads ||s G||_F from ||G|| and the scales
+        (s ||G||_F for APOLLO-Mini, sqrt(sum_i s_i^2 ||G_i||^2) per channel) and runs once on
+        the group's stacked norms, and APOLLO-Mini's norms are multi-tensor kernels. The same
+        update as the per-tensor form up to rounding (the norm is of G in fp32, not of the
+        rounded s G). `dtypes`: each k's dtype (the tensor it multiplies)."""
         grads = [g for _, g, _, _ in items]
         states = [s for _, _, s, _ in items]
         steps = [self.moments_step(g, s, hp) for g, s in zip(grads, states, strict=True)]
@@ -146,26 +162,23 @@ class Apollo(LowRankAdam):
             s = torch.stack(n_norms) / (torch.stack(r_norms) + RATIO_EPS)
             norms = s * torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
             factors = limiter_factors(norms, states, self.options.gamma)
-            ks = list((s * (self.options.scale / factors * corrections)).unbind())
-        else:
-            scales = [
-                self.scales(n, r, g, st)
-                for (n, r, _), g, st in zip(steps, grads, states, strict=True)
+            return list((s * (self.options.scale / factors * corrections)).unbind())
+        scales = [
+            self.scales(n, r, g, st) for (n, r, _), g, st in zip(steps, grads, states, strict=True)
+        ]
+        norms = torch.stack(
+            [
+                channel_scaled_norm(g, sc, st["side"])
+                for g, sc, st in zip(grads, scales, states, strict=True)
             ]
-            norms = torch.stack(
-                [
-                    channel_scaled_norm(g, sc, st["side"])
-                    for g, sc, st in zip(grads, scales, states, strict=True)
-                ]
-            )
-            factors = limiter_factors(norms, states, self.options.gamma)
-            coef = (self.options.scale / factors * corrections).unbind()
-            ks = [(sc * c).to(p.dtype) for sc, c, p in zip(scales, coef, params, strict=True)]
-        self.decay_many_(params, hp, before_update=True)
-        torch._foreach_addcmul_(
-            params, [g.to(p.dtype) for g, p in zip(grads, params, strict=True)], ks, value=-hp["lr"]
         )
-        self.decay_many_(params, hp, before_update=False)
+        factors = limiter_factors(norms, states, self.options.gamma)
+        coef = (self.options.scale / factors * corrections).unbind()
+        return [(sc * c).to(d) for sc, c, d in zip(scales, coef, dtypes, strict=True)]
+
+    def direction(self, param, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        """k G, through `directions` (one tensor's group)."""
+        return next(self.directions([(param, grad, state, step)], hp))
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r, the stored d x r projection (the code's choice; the paper would

@@ -7,6 +7,7 @@ checkpoint and loads with `weights_only=True`. No projector object is ever store
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -112,6 +113,18 @@ class Projector:
         whole-model step's cost is then op dispatch, not arithmetic)."""
         for param, grad, state, step in items:
             self.update_(param, grad, state, step, hp)
+
+    def directions(self, items: list[tuple], hp: dict) -> Iterator[Tensor]:
+        """`direction` of each (weight, grad, state, step) of one group, yielded one at a time
+        (a caller writes each before the next is formed: at most one full-size update lives);
+        `weight` may be a callable giving it (a writer's dequantized weight, formed only when
+        this projector reads it and dropped before the update is yielded)."""
+        for weight, grad, state, step in items:
+            w = weight() if callable(weight) else weight
+            update = self.direction(w, grad, state, step, hp)
+            del w  # the fp32 copy of W goes before the caller's write allocates its own
+            yield update
+            del update  # on resume, before the next is formed
 
     def decay_many_(self, params: list[Tensor], hp: dict, before_update: bool) -> None:
         """`decay_` of several parameters in one multi-tensor kernel."""
