@@ -47,7 +47,6 @@ from lowrank_train.projectors.base import (
     LowRankAdam,
     LowRankOptions,
     State,
-    limit_norm_growth,
     limiter_factors,
 )
 from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
@@ -115,11 +114,6 @@ class Apollo(LowRankAdam):
         return channel_norms(low_update, side, dtype) / (
             channel_norms(low_grad, side, dtype) + RATIO_EPS
         )
-
-    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        s = self.scales(low_update, low_grad, grad, state)
-        limited = limit_norm_growth(grad * s.to(grad.dtype), state, self.options.gamma)
-        return limited * self.options.scale
 
     def update_(self, param, grad, state, step, hp, low_grad=None) -> None:
         """One tensor through `update_many_`: the same arithmetic whether a tensor steps alone
