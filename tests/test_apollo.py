@@ -21,7 +21,7 @@ from projector_cases import (
 
 from lowrank_train.cli import main
 from lowrank_train.optim.projected import ProjectedOptimizer
-from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors import PROJECTORS, apollo
 from lowrank_train.projectors.apollo import Apollo
 from lowrank_train.projectors.subspace import gaussian_basis
 
@@ -240,15 +240,27 @@ def test_apollo_resumes_bitwise_through_a_resample(tiny_run):
     assert_resume_is_bitwise(tiny_run, extra, stop_at=4)
 
 
+@pytest.mark.parametrize("runs_of_two", [False, True])
 @pytest.mark.parametrize("decay_on", ["updated", "previous"])
 @pytest.mark.parametrize("method", ["apollo", "apollo_mini"])
-def test_a_group_stepped_together_equals_each_tensor_stepped_alone(method, decay_on):
+def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
+    monkeypatch, method, decay_on, runs_of_two
+):
     """update_many_ (the whole-model step: the group's norms and limiter batched, one addcmul_
     each) gives each tensor, bit for bit, what it gets stepped alone (per-layer mode): both
     sides, weight decay, a resample, the limiter's first step, and a tensor a step behind."""
     shapes = [(24, 16), (16, 24), (24, 16)]
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(shapes)]
     opts = dict(CASES[method], update_gap=3, decay_on=decay_on)
+    if runs_of_two:  # the low-rank budget of a batched run fits two of these tensors
+        monkeypatch.setattr(apollo, "BATCH_LOW_RANK_BYTES", 2 * (2 * 4 * 24 * opts["rank"]) + 1)
+        runs = [
+            len(r)
+            for r in PROJECTORS.get(method)(PROJECTORS.get(method).Config(**opts)).chunks(
+                [(None, torch.zeros(shape), None, 1) for shape in shapes]
+            )
+        ]
+        assert runs == [2, 1]
 
     def optimizer(params, names):
         cls = PROJECTORS.get(method)

@@ -56,6 +56,9 @@ if TYPE_CHECKING:
     from lowrank_train.config import RunConfig
 
 
+BATCH_LOW_RANK_BYTES = 64 * 2**20  # N and R a batched step keeps at once (fp32)
+
+
 def bias_corrections(values: list[float], dtype: torch.dtype, device) -> float | Tensor:
     """The tensors' c_t as one Python number when they agree (the usual case), else a (b,)
     tensor filled on the device: a list copied from the host would wait for the stream. Both
@@ -124,18 +127,35 @@ class Apollo(LowRankAdam):
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
         """W <- W - lr k G for a group's tensors (`coefficients`), one addcmul_ each."""
-        params = [p for p, _, _, _ in items]
-        grads = [g.to(p.dtype) for (p, g, _, _) in items]
-        ks = self.coefficients(items, hp, [p.dtype for p in params])
-        self.decay_many_(params, hp, before_update=True)
-        torch._foreach_addcmul_(params, grads, ks, value=-hp["lr"])
-        self.decay_many_(params, hp, before_update=False)
+        for chunk in self.chunks(items):
+            params = [p for p, _, _, _ in chunk]
+            grads = [g.to(p.dtype) for (p, g, _, _) in chunk]
+            ks = self.coefficients(chunk, hp, [p.dtype for p in params])
+            self.decay_many_(params, hp, before_update=True)
+            torch._foreach_addcmul_(params, grads, ks, value=-hp["lr"])
+            self.decay_many_(params, hp, before_update=False)
 
     def directions(self, items, hp: dict) -> Iterator[Tensor]:
-        """k G for each writer's tensor, one at a time (`coefficients` for all first)."""
-        ks = self.coefficients(items, hp, [g.dtype for _, g, _, _ in items])
-        for (_, grad, _, _), k in zip(items, ks, strict=True):
-            yield grad * k
+        """k G for each writer's tensor, one at a time (`coefficients` per chunk first)."""
+        for chunk in self.chunks(items):
+            ks = self.coefficients(chunk, hp, [g.dtype for _, g, _, _ in chunk])
+            for (_, grad, _, _), k in zip(chunk, ks, strict=True):
+                yield grad * k
+
+    def chunks(self, items: list) -> Iterator[list]:
+        """The items in runs whose N and R (2 fp32 D x r each, alive together in `coefficients`)
+        stay within BATCH_LOW_RANK_BYTES: APOLLO-Mini's whole group is one run, APOLLO r256
+        at 1B a few tensors (a group's would be 1.9 GB beside the model)."""
+        run, size = [], 0
+        for item in items:
+            nbytes = 2 * 4 * max(item[1].shape) * self.options.rank
+            if run and size + nbytes > BATCH_LOW_RANK_BYTES:
+                yield run
+                run, size = [], 0
+            run.append(item)
+            size += nbytes
+        if run:
+            yield run
 
     def coefficients(self, items, hp: dict, dtypes: list[torch.dtype]) -> list[Tensor]:
         """k_i with c_t alpha U_i = k_i G_i, for each (weight, grad, state, step) of a group, the
