@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import result_line  # noqa: E402
 from training import GIB, OURS, SIZES, our_run_file  # noqa: E402
 
 from lowrank_train.planner import plan_run  # noqa: E402
@@ -61,8 +62,21 @@ def main() -> None:
             for line in f.read_text().splitlines()
             if line.strip() and (r := replan(json.loads(line), Path(tmp)))
         ]
-    if args.json:
-        print("\n".join(json.dumps(r) for r in out))
+    if args.json:  # DESIGN.md's rows, bench "replan"
+        for r in out:
+            row = result_line(
+                bench="replan",
+                case={"model": r["model"]},
+                provider="ours",
+                method=r["method"],
+                settings={
+                    "call": r["call"],
+                    "planned_for": "cuda",
+                    "activations": r["activations"],
+                },
+                metrics={k: r[k] for k in r if k not in ("model", "method", "call", "activations")},
+            )
+            print(json.dumps(row))
         return
     print(
         "| model | method | call | planned GiB | measured peak_gib | planned / measured | activations |"

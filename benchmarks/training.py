@@ -700,7 +700,10 @@ def bench_main(
             print("\n".join(c["id"] for c in cases))
             return
         if args.plan_only:
-            print(plan_table(cases))
+            rows = plan_rows(cases)
+            path = write_results("plan", args.device_slug or "cuda-planned", rows, args.out_dir)
+            print(plan_table(rows))
+            print(f"rows: {path}")
             return
         extra = {"extra_metrics": extra_metrics} if extra_metrics else {}
         rows = run_matrix(
@@ -718,25 +721,55 @@ def bench_main(
         print(f"plot: {png}")
 
 
-def plan_table(cases: list[dict]) -> str:
-    """The planner's verdict on each of our cases (nothing runs): the README's "which methods
-    fit" table, with the peak phase and, where a case does not fit, what would make it."""
+def plan_rows(cases: list[dict]) -> list[dict]:
+    """The planner's verdict on each of our cases (nothing runs), as `bench: plan` rows: the
+    README's "which methods fit" table, with the peak phase and, where a case does not fit,
+    what would make it."""
+    rows = []
+    for case in cases:
+        if case["provider"] != "ours":
+            continue
+        size = SIZES[case["size"]]
+        rows.append(
+            result_line(
+                bench="plan",
+                case={
+                    "model": size.preset,
+                    "batch_size": size.batch_size,
+                    "seq_len": 256,
+                    "cap_gib": case["cap_gib"],
+                },
+                provider="ours",
+                method=case["method"],
+                settings={
+                    "id": case["id"],
+                    "grad_accum": case["grad_accum"],
+                    "gradient_checkpointing": size.checkpointing,
+                    "planned_for": "cuda",
+                    "overrides": case["overrides"],
+                },
+                metrics=planned(Path(case["config"]), case["overrides"]),
+            )
+        )
+    return rows
+
+
+def plan_table(rows: list[dict]) -> str:
+    """The markdown table of `plan_rows`."""
     lines = [
         "| case | planned GiB | fits the cap | peak phase | largest components (GiB) | "
         "what the planner suggests |",
         "|---|---|---|---|---|---|",
     ]
-    for case in cases:
-        if case["provider"] != "ours":
-            continue
-        plan = planned(Path(case["config"]), case["overrides"])
+    for row in rows:
+        plan, case_id = row["metrics"], row["settings"]["id"]
         if plan.get("planned_gib") is None:
-            lines.append(f"| {case['id']} | - | - | - | {plan['planned_error']} | - |")
+            lines.append(f"| {case_id} | - | - | - | {plan['planned_error']} | - |")
             continue
         parts = sorted(plan["planned_components_gib"].items(), key=lambda kv: -kv[1])[:3]
         fits = "yes" if plan["planned_fits"] else "**no**"
         lines.append(
-            f"| {case['id']} | {plan['planned_gib']:.2f} | {fits} | {plan['planned_peak_phase']} | "
+            f"| {case_id} | {plan['planned_gib']:.2f} | {fits} | {plan['planned_peak_phase']} | "
             f"{', '.join(f'{k} {v:.2f}' for k, v in parts)} | "
             f"{'; '.join(plan['planned_suggestions']) or '-'} |"
         )

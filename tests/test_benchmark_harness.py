@@ -226,3 +226,31 @@ def test_readme_tables_from_rows():
     )
     assert "| 9.50 | 8.00 | 5,432 | 5,400 | 61.2 | call2 |  |" in lines[2]
     assert lines[3].endswith("| call2 | skipped: the planner: 40.00 GiB does not fit 24.0 GiB |")
+
+
+def test_plan_only_writes_the_planners_verdict_per_case_and_runs_nothing(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_train.py"),
+            "--sizes", "tiny",
+            "--base", str(tiny_run("base")),
+            "--methods", "adamw,int8+apollo_mini+pl,galore-torch",
+            "--plan-only",
+            "--cap-gib", "0.5",
+            "--out-dir", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rows_file,) = out.glob("plan_*.jsonl")
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["adamw", "int8+apollo_mini+pl"]  # peers: not planned
+    for row in rows:
+        assert row["bench"] == "plan" and row["settings"]["planned_for"] == "cuda"
+        assert row["metrics"]["planned_gib"] > 0 and row["metrics"]["planned_peak_phase"]
+    assert "| tiny:adamw:accum1 |" in proc.stdout
+    assert not list(out.glob("train_*.jsonl"))  # nothing ran
