@@ -67,28 +67,23 @@ FLAGS = (
 )
 
 
+def bench_train_tiny(tiny_run, out, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/bench_train.py on the tiny model, writing under `out`; it must exit 0."""
+    command = [sys.executable, str(BENCHMARKS / "bench_train.py"), "--sizes", "tiny"]
+    command += ["--base", str(tiny_run("base")), "--out-dir", str(out), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_bench_train_runs_each_case_in_its_own_process_and_writes_rows_as_they_end(
     tiny_run, tmp_path
 ):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_train.py"),
-            "--sizes", "tiny",
-            "--base", str(tiny_run("base")),
-            "--methods", "adamw,galore-torch-8bit-pl",
-            "--grad-accum", "2",
-            "--steps", "30",
-            "--no-compile",
-            "--call", "test-call",
-            "--out-dir", str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = bench_train_tiny(
+        tiny_run, out, "--methods", "adamw,galore-torch-8bit-pl", "--grad-accum", "2",
+        "--steps", "30", "--no-compile", "--call", "test-call",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     (rows_file,) = out.glob("train_*.jsonl")
     rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())}
     assert list(rows) == ["adamw", "galore-torch-8bit-pl"]
@@ -230,22 +225,10 @@ def test_readme_tables_from_rows():
 
 def test_plan_only_writes_the_planners_verdict_per_case_and_runs_nothing(tiny_run, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_train.py"),
-            "--sizes", "tiny",
-            "--base", str(tiny_run("base")),
-            "--methods", "adamw,int8+apollo_mini+pl,galore-torch",
-            "--plan-only",
-            "--cap-gib", "0.5",
-            "--out-dir", str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = bench_train_tiny(
+        tiny_run, out, "--methods", "adamw,int8+apollo_mini+pl,galore-torch", "--plan-only",
+        "--cap-gib", "0.5",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
     (rows_file,) = out.glob("plan_*.jsonl")
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["adamw", "int8+apollo_mini+pl"]  # peers: not planned
