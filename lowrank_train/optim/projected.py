@@ -116,7 +116,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if due:
             self._refresh(due, live[0][2]["step"], live[0][0].device)
         plain: dict[int, tuple[dict, list]] = {}  # per group: the tensors update_many_ steps
-        written: dict[int, tuple[dict, list, list]] = {}  # per group: writers' items, writers
+        written: dict[int, tuple[dict, list]] = {}  # per group: (writer, its direction's item)
         for p, grad, state, group in live:
             if any(key not in state for key in self.projector.shared_keys):
                 continue  # no basis yet (the first refresh failed): nothing to step with
@@ -131,13 +131,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             else:  # written back with one stochastic rounding; W dequantized only if read
                 weight = writer.weight if self.projector.reads_weight else None
                 item = (weight, grad, state, state["step"])
-                written.setdefault(id(group), (group, [], []))[1].append(item)
-                written[id(group)][2].append(writer)
+                written.setdefault(id(group), (group, []))[1].append((writer, item))
         for group, items in plain.values():
             self.projector.update_many_(items, group)
-        for group, items, writers in written.values():
-            updates = self.projector.directions(items, group)
-            for writer, (_, _, _, t) in zip(writers, items, strict=True):
+        for group, pairs in written.values():
+            updates = self.projector.directions([item for _, item in pairs], group)
+            for writer, (_, _, _, t) in pairs:
                 update = next(updates)
                 writer.write(update, group["lr"], group["weight_decay"], t)
                 del update  # before the next is formed: one full-size update at a time

@@ -194,8 +194,8 @@ def drawn_linear(meta_linear: nn.Linear, name: str, seed: int, std: float) -> nn
 
 def drawn_ahead(targets, seed: int, std: float) -> Iterator[nn.Linear]:
     """`drawn_linear` of each target in order, DRAWS_AHEAD of them at a time on a thread pool:
-    a CPU generator draws on one core (at 7B a serial draw took most of the build), and each
-    target has its own generator, so the values do not depend on the pool."""
+    a CPU generator draws on one core, and each target has its own generator, so the values do
+    not depend on the pool."""
     with ThreadPoolExecutor(max_workers=DRAWS_AHEAD) as pool:
         pending: deque[Future] = deque()
         for full, _, _, meta_linear in targets:
