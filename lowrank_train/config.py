@@ -178,6 +178,11 @@ SECTION_FIELDS = ("options", "method")  # MethodSection's bookkeeping, never YAM
 @dataclass
 class OptimConfig:
     name: str = knob("adamw", "inner optimizer of the dense tensors: adamw | adamw8bit")
+    embeddings_8bit: bool = knob(
+        False,
+        "adamw8bit: 8-bit moments for embeddings and lm_head too (the GaLore and Q-GaLore "
+        "scripts do; bitsandbytes advises 32-bit, the default)",
+    )
     weight_decay: float = knob(0.0, "decoupled weight decay of matrices (never norms or biases)")
     betas: tuple[float, float] = knob((0.9, 0.999), "Adam betas")
     eps: float = knob(1e-8, "Adam epsilon")
@@ -520,6 +525,11 @@ def validate(cfg: RunConfig, sources: Sources, run_file: str) -> None:
             "optim.per_layer_accumulation",
             "projected applies to optim.per_layer=true only (the whole-model step sums full "
             "gradients); set optim.per_layer=true or leave it full",
+        )
+    if cfg.optim.embeddings_8bit and cfg.optim.name != "adamw8bit":
+        fail(
+            "optim.embeddings_8bit",
+            f"applies to optim.name=adamw8bit only, not {cfg.optim.name!r}",
         )
     if cfg.optim.per_layer and t.clip_grad_norm > 0:
         fail(

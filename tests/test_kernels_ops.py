@@ -168,6 +168,38 @@ def test_matmul_gradients(fmt, backend, monkeypatch):
     torch.testing.assert_close(gg.double(), h.double() @ deq.double().T, rtol=1e-5, atol=1e-5)
 
 
+def test_eager_calls_skip_the_dispatcher_but_keep_its_effects(monkeypatch):
+    """The public functions call an op's implementation directly in eager code without grad
+    (the dispatcher's hops are the cost), the op itself under autograd or a dispatch mode;
+    both give the same values, and an in-place op still bumps the mutated tensors' versions."""
+    monkeypatch.setenv("LOWRANK_KERNELS", "reference")
+    direct_calls = []
+    real = ops._int8_sr_update.direct
+    monkeypatch.setattr(
+        ops._int8_sr_update, "direct", lambda *a: direct_calls.append(1) or real(*a)
+    )
+    codes, scales = R.quantize_int8(_randn(6, 42, seed=1), 16)
+    update = _randn(6, 42, seed=2)
+    c2, s2 = codes.clone(), scales.clone()
+    version = codes._version
+    ops.int8_sr_update(codes, scales, update, lr=0.1, wd=0.0, seed=5, group_size=16)
+    assert direct_calls == [1] and codes._version > version
+    torch.ops.lowrank_train.int8_sr_update(c2, s2, update, 0.1, 0.0, 5, 16)
+    assert torch.equal(codes, c2) and torch.equal(scales, s2)
+    # under a dispatch mode the op runs (its fake implementation, here)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(codes), mode.from_tensor(scales), mode.from_tensor(update)
+        ops.int8_sr_update(*fake, lr=0.1, wd=0.0, seed=5, group_size=16)
+    assert direct_calls == [1]
+    # with grad, the op's autograd runs: grad_x = g deq(W)
+    c8, s8 = R.quantize_int8(_randn(42, 64, seed=7), 16)
+    x = _randn(5, 64, seed=8).requires_grad_()
+    ops.int8_matmul(x, c8, s8, 16).sum().backward()
+    torch.testing.assert_close(x.grad, R.dequantize_int8(c8, s8, 16).sum(0).expand(5, -1))
+
+
 def test_compile_traces_without_graph_break(monkeypatch):
     monkeypatch.setenv("LOWRANK_KERNELS", "reference")
     w = _randn(42, 64, seed=7)

@@ -245,6 +245,21 @@ def test_adamw8bit_keeps_32bit_state_for_embeddings(tiny_run):
     assert opt.optimizers["adamw8bit"].state[big]["state1"].dtype == torch.uint8
 
 
+def test_embeddings_8bit_puts_embeddings_into_the_8bit_optimizer(tiny_run):
+    _, model, opt = tiny_model_and_optimizer(
+        tiny_run, "optim.name=adamw8bit", "optim.embeddings_8bit=true", "model.hidden_size=128"
+    )
+    assert "adamw32bit" not in opt.optimizers
+    two_updates(model, opt)
+    emb = model.get_input_embeddings().weight
+    assert opt.optimizers["adamw8bit"].state[emb]["state1"].dtype == torch.uint8
+
+
+def test_embeddings_8bit_needs_adamw8bit(tiny_run):
+    with pytest.raises(ConfigError, match="optim.embeddings_8bit: applies to optim.name=adamw8bit"):
+        load_run(tiny_run(), ["optim.embeddings_8bit=true"])
+
+
 def test_dense_keeps_the_seeded_init_draw(tiny_run):
     cfg, _ = load_run(tiny_run())
     a, b = build_model(cfg, 512, CPU), build_model(cfg, 512, CPU)

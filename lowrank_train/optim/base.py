@@ -46,7 +46,8 @@ class AdamW8bit(InnerOptimizer):
     """bitsandbytes AdamW8bit, with 32-bit moments for embeddings and lm_head.
 
     8-bit state for embeddings is unstable in pretraining (bitsandbytes' own guidance), so
-    groups marked `embedding` go to a 32-bit bitsandbytes AdamW. Arguments go by keyword: the
+    groups marked `embedding` go to a 32-bit bitsandbytes AdamW, unless `optim.embeddings_8bit`
+    (what the GaLore and Q-GaLore scripts do: one 8-bit optimizer over every tensor). Arguments go by keyword: the
     positional order changed in 0.50. Tensors under 4096 elements keep 32-bit state there anyway.
     """
 
@@ -57,8 +58,9 @@ class AdamW8bit(InnerOptimizer):
 
         common = dict(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         out = {}
-        eight = [g for g in groups if not g.get("embedding")]
-        thirty_two = [g for g in groups if g.get("embedding")]
+        wide = lambda g: g.get("embedding") and not cfg.embeddings_8bit  # noqa: E731
+        eight = [g for g in groups if not wide(g)]
+        thirty_two = [g for g in groups if wide(g)]
         if eight:
             out["adamw8bit"] = bnb.optim.AdamW8bit(
                 params=eight, **common

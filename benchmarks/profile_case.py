@@ -1,0 +1,122 @@
+"""Where a training step's time goes: one of our bench cases (bench_train's ids, e.g.
+7b:int8+apollo_mini+pl:accum1) is built through our `Trainer`, stepped `--warm` times (compile,
+autotune, first refresh), then `--steps` steps run under `torch.profiler`.
+
+It prints, and writes as `profile_<case>.txt` under --out-dir: the wall time per step, the GPU
+time per step (the sum of kernel durations; wall minus GPU is the time the GPU waited on the
+host), the kernel time by family (our Triton kernels by name, cuBLAS GEMMs, inductor's fused
+kernels, other ATen kernels), and the top kernels. Not a benchmark row: it explains one.
+
+    python benchmarks/profile_case.py --cache DIR --case 7b:int8+apollo_mini+pl:accum1 --out-dir $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import training  # noqa: E402
+
+FAMILIES = [  # first match wins; a kernel's family says which part of the code launched it
+    ("ours: dequant-matmul", re.compile(r"_dq_matmul")),
+    ("ours: fused adam", re.compile(r"_adam_kernel")),
+    ("ours: other triton", re.compile(r"^_\w+_kernel")),
+    ("cuBLAS/cuDNN GEMM", re.compile(r"gemm|xmma|cutlass|nvjet|sm\d+_|ampere|flash|fmha", re.I)),
+    ("inductor fused", re.compile(r"^triton_")),
+    ("NCCL", re.compile(r"nccl", re.I)),
+]
+
+
+def family(name: str) -> str:
+    return next((label for label, pattern in FAMILIES if pattern.search(name)), "ATen other")
+
+
+def profile(case: dict, warm: int, steps: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from lowrank_train.cli import setup_logging
+    from lowrank_train.trainer import Trainer
+
+    setup_logging(0)
+    out_dir = Path(tempfile.mkdtemp(prefix="profile_"))
+    cfg = training.load_case(case["config"], [*case["overrides"], f"out_dir={out_dir}", "name=p"])
+    trainer = Trainer(cfg)
+    trainer.model.train()
+    clip = cfg.train.clip_grad_norm
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    for _ in range(warm):
+        trainer.step(clip)
+    sync()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.step(clip)
+        sync()
+        wall = (time.perf_counter() - start) / steps
+    by_kernel: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    # on CUDA the kernels' durations; on CPU (the tests) each op's own time
+    on_device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    for event in prof.events():
+        if event.device_type == on_device:
+            us = event.device_time_total if cuda else event.self_cpu_time_total
+            by_kernel[event.name] += us / 1e6 / steps
+            counts[event.name] += 1
+    gpu = sum(by_kernel.values())
+    by_family: dict[str, float] = defaultdict(float)
+    for name, seconds in by_kernel.items():
+        by_family[family(name)] += seconds
+    lines = [
+        f"case {case['id']}: {steps} steps after {warm} warm-up steps",
+        f"wall {wall * 1e3:.1f} ms/step, GPU kernels {gpu * 1e3:.1f} ms/step "
+        f"({gpu / wall:.0%} busy; on CPU: op time)"
+        + (f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""),
+        "",
+        "family                      ms/step   share",
+    ]
+    for label, seconds in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{label:<26} {seconds * 1e3:8.1f}  {seconds / gpu:6.1%}")
+    lines += ["", "top kernels                                                   ms/step  calls/step"]
+    for name, seconds in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:40]:
+        lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}  {counts[name] / steps:8.0f}")
+    if cuda:  # where the host's time goes, for a GPU that waits on it
+        host: dict[str, float] = defaultdict(float)
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CPU:
+                host[event.name] += event.self_cpu_time_total / 1e6 / steps
+        lines += ["", f"host ops by own time (total {sum(host.values()) * 1e3:.1f} ms/step)"]
+        for name, seconds in sorted(host.items(), key=lambda kv: -kv[1])[:25]:
+            lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    training.add_common_arguments(ap, "7b", "unused")
+    ap.add_argument("--case", required=True, help="a bench_train case id, size:method:accumN")
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--profile-steps", type=int, default=4)
+    ap.add_argument("--grad-accum", default="1")
+    args = ap.parse_args()
+    size, method, _ = args.case.split(":")
+    args.sizes, args.only, args.steps = size, args.case, args.warm + args.profile_steps
+    work = Path(tempfile.mkdtemp(prefix="profile_cases_"))
+    cases = training.build_cases(args, "profile", [method], work)
+    if not cases:
+        sys.exit(f"profile_case.py: no case {args.case!r} (ids: size:method:accumN)")
+    report = profile(cases[0], args.warm, args.profile_steps)
+    print(report)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"profile_{args.case.replace(':', '_')}.txt").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
