@@ -56,7 +56,9 @@ def main() -> None:
             got = measure(m, n, count, args.rank, method, warm)
             factor = got["extra_bytes"] / got["input_fp32_bytes"]
             label = f"{method}{' warm' if warm else ''}"
-            print(f"{m}x{n} x{count} rank {args.rank} {label}: {factor:.2f} x fp32 input", flush=True)
+            print(
+                f"{m}x{n} x{count} rank {args.rank} {label}: {factor:.2f} x fp32 input", flush=True
+            )
             rows.append(
                 result_line(
                     bench="refresh_memory",

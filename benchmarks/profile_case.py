@@ -84,7 +84,10 @@ def profile(case: dict, warm: int, steps: int) -> str:
     ]
     for label, seconds in sorted(by_family.items(), key=lambda kv: -kv[1]):
         lines.append(f"{label:<26} {seconds * 1e3:8.1f}  {seconds / gpu:6.1%}")
-    lines += ["", "top kernels                                                   ms/step  calls/step"]
+    lines += [
+        "",
+        "top kernels                                                   ms/step  calls/step",
+    ]
     for name, seconds in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:40]:
         lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}  {counts[name] / steps:8.0f}")
     if cuda:  # where the host's time goes, for a GPU that waits on it
