@@ -34,7 +34,10 @@ def replan(row: dict, work: Path) -> dict | None:
         return None
     case = {"id": f"{size}:{row['method']}:replan", "size": size}
     path = our_run_file(row["method"], case, work)
-    cfg, _ = load_run(path, settings["overrides"])
+    overrides = list(settings["overrides"])
+    if "embeddings_8bit" not in settings:  # rows from before the key: 32-bit embedding moments
+        overrides.append("optim.embeddings_8bit=false")
+    cfg, _ = load_run(path, overrides)
     plan = plan_run(cfg, "cuda", VOCAB, suggest=False)
     return {
         "model": row["case"]["model"],

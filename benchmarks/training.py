@@ -309,6 +309,7 @@ def our_settings(cfg) -> dict:
         "projector": proj.name,
         **{k: getattr(proj.method, k, None) for k in keys},
         "optim": cfg.optim.name,
+        "embeddings_8bit": cfg.optim.embeddings_8bit,
         "state_dtype": cfg.optim.state_dtype,
         "per_layer": cfg.optim.per_layer,
     }

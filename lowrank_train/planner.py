@@ -43,7 +43,11 @@ CUDA_CONTEXT_BYTES = int(
     0.5 * GIB
 )  # the H200's measured 0.51 GiB; MemoryMonitor reads the real one
 CPU_RUNTIME_BYTES = int(0.4 * GIB)  # CPU: max RSS of Python with lowrank_train and torch imported
-SVD_WORKSPACE = 4  # a batched refresh: the fp32 input batch, then ~3x it in QR/eigh temporaries
+# A batched refresh's allocations (the stacked gradients, the finder's temporaries, the kept
+# bases) over the batch's fp32 input bytes, by optim.projector.svd: the largest measured at a 7B
+# layer's shapes and rank 1024 (bench_refresh_memory.py, H200, 2026-12-01: exact 5.01-6.36,
+# fast 2.52-3.04 cold and warm; benchmarks/results/refresh_memory_h200_2026-12-01.jsonl).
+SVD_WORKSPACE = {"exact": 6.4, "fast": 3.1}
 EXTRA_TOKENS = 7  # token count of the probe forward of one parameterized layer (see layer_extra)
 
 
@@ -349,19 +353,22 @@ def projected_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def refresh_workspace(optimizer: torch.optim.Optimizer) -> int:
     """The largest batched basis-finder call of an SVD projector's refresh: the tensors of one
-    shape in chunks of at most BATCH_BYTES of fp32 input (at least one matrix), x SVD_WORKSPACE."""
+    shape in chunks of at most BATCH_BYTES of fp32 input (at least one matrix), x the finder's
+    SVD_WORKSPACE."""
     largest = 0
     for opt in inner_optimizers(optimizer).values():
         if not isinstance(getattr(opt, "projector", None), SVDProjector):
             continue
+        factor = SVD_WORKSPACE[opt.projector.options.svd]
         shapes: dict[tuple, int] = {}
         for g in opt.param_groups:
             for p in g["params"]:
                 shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
         for (m, n), count in shapes.items():
             matrix = FP32 * m * n
-            largest = max(largest, min(count, max(1, BATCH_BYTES // matrix)) * matrix)
-    return SVD_WORKSPACE * largest
+            batch = min(count, max(1, BATCH_BYTES // matrix)) * matrix
+            largest = max(largest, int(factor * batch))
+    return largest
 
 
 def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: str) -> Plan:
