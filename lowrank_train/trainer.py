@@ -168,6 +168,14 @@ class Trainer:
             if isinstance(m, ParameterizedLinear)
             and type(m).after_step is not ParameterizedLinear.after_step
         ]
+        # layers whose step's graph can differ ask for an eager step (compiled runs only)
+        self.eager_askers = [
+            m
+            for m in self.model.modules()
+            if cfg.train.compile
+            and isinstance(m, ParameterizedLinear)
+            and type(m).steps_uncompiled is not ParameterizedLinear.steps_uncompiled
+        ]
         self.wrapped = (
             DistributedDataParallel(self.model) if self.env.world_size > 1 else self.model
         )
@@ -221,8 +229,8 @@ class Trainer:
             f"{self.progress.tokens:,}",
         )
 
-    def step(self, clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step over grad_accum micro-batches: (summed loss, grad norm or None)."""
+    def forward_backward(self) -> torch.Tensor:
+        """Forward and backward of the step's grad_accum micro-batches: their summed loss."""
         accum, device = self.cfg.train.grad_accum, self.env.device
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
@@ -239,6 +247,13 @@ class Trainer:
                 loss = loss / accum
             loss.backward()
             step_loss += loss.detach()
+        return step_loss
+
+    def step(self, clip: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over grad_accum micro-batches: (summed loss, grad norm or None)."""
+        eager = any(m.steps_uncompiled() for m in self.eager_askers)
+        with torch.compiler.set_stance("force_eager") if eager else nullcontext():
+            step_loss = self.forward_backward()
         grad_norm = self.optimizer.clip_grad_norm_(clip) if clip else None
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used, for the log
         self.optimizer.step()

@@ -386,3 +386,41 @@ def test_loqt_resumes_bitwise_through_merges(tiny_run):
     assert all(error > 0 for s, _, error in merges[0] if s == 5)  # a real re-quantization
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["final_val_loss"] < math.log(512), summary
+
+
+def test_a_compiled_run_takes_its_capture_steps_eagerly(tiny_run, monkeypatch):
+    """Under train.compile a capture step (its forward feeds the grad buffer and detaches the
+    factor) runs eagerly, so the run compiles one graph, not a second variant for a rare
+    step; the result follows the eager run's. aot_eager stands in for inductor (fast on CPU)."""
+    import functools
+
+    from lowrank_train import trainer as trainer_module
+    from lowrank_train.trainer import Trainer
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        trainer_module.torch,
+        "compile",
+        functools.partial(real_compile, backend="aot_eager"),
+    )
+
+    def run(compile_: bool) -> tuple[dict[str, torch.Tensor], int]:
+        overrides = ["weights.name=loqt", "weights.rank=16", "weights.update_gap=2"]
+        overrides += [f"train.compile={str(compile_).lower()}", "train.steps=4"]
+        cfg, _ = load_run(tiny_run(f"c{compile_}"), overrides)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        trainer = Trainer(cfg)
+        trainer.model.train()
+        for _ in range(4):  # captures at step indices 0 and 2
+            trainer.step(cfg.train.clip_grad_norm)
+        layers = [m for m in trainer.model.modules() if isinstance(m, LoQTLinear)]
+        assert int(layers[0].merges) == 2
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        return trainer.model.state_dict(), graphs
+
+    eager, _ = run(False)
+    compiled, graphs = run(True)
+    assert graphs == 1
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)

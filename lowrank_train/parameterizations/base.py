@@ -122,6 +122,13 @@ class ParameterizedLinear(nn.Module):
         """
         return []
 
+    def steps_uncompiled(self) -> bool:
+        """True when the coming step's forward differs from the usual one (LoQT's capture
+        step): under `train.compile` the loop runs that step eagerly, so torch.compile keeps one
+        graph instead of compiling a second variant (a second full compile at 1B) for a rare
+        step. The loop asks only layers whose class overrides this."""
+        return False
+
     def writers(self) -> dict[str, Writer]:
         """Quantized tensors and how to write updates into them, by attribute name; none by
         default. Having writers is what makes a layer train through lowrank-train's own Adam."""

@@ -235,6 +235,10 @@ class LoQTLinear(ParameterizedLinear):
         saved = self.state_dict(keep_vars=True)
         return {name: t.numel() * t.element_size() for name, t in saved.items()}
 
+    def steps_uncompiled(self) -> bool:
+        """A capturing step (the grad buffer exists) runs eagerly: its graph differs."""
+        return self.grad_buffer is not None
+
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
         """After step index `step - 1`: merge if it captured G; then allocate the grad buffer
