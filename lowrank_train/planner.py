@@ -271,7 +271,7 @@ def activations(model: nn.Module, cfg: RunConfig, precision: Precision, batch: i
     w = precision.dtype.itemsize
     autocast = precision.autocast is not None
     a = precision.autocast.itemsize if autocast else w
-    mode = activation_mode(cfg, precision)
+    mode = activation_mode(cfg, precision, model)
     cache: dict = {}
     full = []
     for layer in model.model.layers:
@@ -313,7 +313,8 @@ class ActivationMode:
     """Which formula plans which part: `train.compile` compiles the whole model and its loss,
     or, with `optim.per_layer`, each decoder layer alone (the head and loss stay eager). Under
     autocast the compiled partition is not derived, nor the compiled head under gradient
-    checkpointing: the eager formula plans those."""
+    checkpointing: the eager formula plans those, and a run with layers that take some steps
+    eagerly (`steps_uncompiled`, LoQT's capture steps): the eager step is its peak."""
 
     layers_compiled: bool
     head_compiled: bool
@@ -326,8 +327,13 @@ class ActivationMode:
         return "eager"
 
 
-def activation_mode(cfg: RunConfig, precision: Precision) -> ActivationMode:
-    compiled = cfg.train.compile and precision.autocast is None
+def activation_mode(cfg: RunConfig, precision: Precision, model: nn.Module) -> ActivationMode:
+    eager_steps = any(
+        isinstance(m, ParameterizedLinear)
+        and type(m).steps_uncompiled is not ParameterizedLinear.steps_uncompiled
+        for m in model.modules()
+    )
+    compiled = cfg.train.compile and precision.autocast is None and not eager_steps
     head = compiled and not cfg.optim.per_layer and not cfg.model.gradient_checkpointing
     return ActivationMode(compiled, head)
 

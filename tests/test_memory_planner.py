@@ -309,6 +309,17 @@ def saved_by_inductors_partition(model, x) -> list[torch.Tensor]:
     return kept
 
 
+def test_a_run_with_eager_steps_plans_eager_activations(tiny_run):
+    """LoQT's capture steps run eagerly under train.compile (`steps_uncompiled`), and the
+    first step is one: the eager saved set is the run's peak, so the planner plans it."""
+    overrides = ["weights.name=loqt", "weights.rank=16"]
+    compiled, _ = load_run(tiny_run(), [*overrides, "train.compile=true"])
+    eager, _ = load_run(tiny_run(), overrides)
+    plan = plan_run(compiled, "cpu", VOCAB)
+    assert plan.activation_mode == "eager"
+    assert plan.components["activations"] == plan_run(eager, "cpu", VOCAB).components["activations"]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

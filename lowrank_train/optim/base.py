@@ -47,8 +47,9 @@ class AdamW8bit(InnerOptimizer):
 
     8-bit state for embeddings is unstable in pretraining (bitsandbytes' own guidance), so
     groups marked `embedding` go to a 32-bit bitsandbytes AdamW, unless `optim.embeddings_8bit`
-    (what the GaLore and Q-GaLore scripts do: one 8-bit optimizer over every tensor). Arguments go by keyword: the
-    positional order changed in 0.50. Tensors under 4096 elements keep 32-bit state there anyway.
+    (what the GaLore and Q-GaLore scripts do: one 8-bit optimizer over every tensor).
+    Arguments go by keyword: the positional order changed in 0.50. Tensors under 4096 elements
+    keep 32-bit state there anyway.
     """
 
     name = "adamw8bit"
@@ -58,9 +59,9 @@ class AdamW8bit(InnerOptimizer):
 
         common = dict(betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         out = {}
-        wide = lambda g: g.get("embedding") and not cfg.embeddings_8bit  # noqa: E731
-        eight = [g for g in groups if not wide(g)]
-        thirty_two = [g for g in groups if wide(g)]
+        keeps_32bit = lambda g: g.get("embedding") and not cfg.embeddings_8bit  # noqa: E731
+        eight = [g for g in groups if not keeps_32bit(g)]
+        thirty_two = [g for g in groups if keeps_32bit(g)]
         if eight:
             out["adamw8bit"] = bnb.optim.AdamW8bit(
                 params=eight, **common
