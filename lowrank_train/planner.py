@@ -313,8 +313,8 @@ class ActivationMode:
     """Which formula plans which part: `train.compile` compiles the whole model and its loss,
     or, with `optim.per_layer`, each decoder layer alone (the head and loss stay eager). Under
     autocast the compiled partition is not derived, nor the compiled head under gradient
-    checkpointing: the eager formula plans those, and a run with layers that take some steps
-    eagerly (`steps_uncompiled`, LoQT's capture steps): the eager step is its peak."""
+    checkpointing: the eager formula plans those, and a run whose first step runs eagerly
+    (`steps_uncompiled`, LoQT's capture steps with `capture_eager`): that step is its peak."""
 
     layers_compiled: bool
     head_compiled: bool
@@ -329,9 +329,7 @@ class ActivationMode:
 
 def activation_mode(cfg: RunConfig, precision: Precision, model: nn.Module) -> ActivationMode:
     eager_steps = any(
-        isinstance(m, ParameterizedLinear)
-        and type(m).steps_uncompiled is not ParameterizedLinear.steps_uncompiled
-        for m in model.modules()
+        isinstance(m, ParameterizedLinear) and m.steps_uncompiled() for m in model.modules()
     )
     compiled = cfg.train.compile and precision.autocast is None and not eager_steps
     head = compiled and not cfg.optim.per_layer and not cfg.model.gradient_checkpointing

@@ -389,9 +389,10 @@ def test_loqt_resumes_bitwise_through_merges(tiny_run):
 
 
 def test_a_compiled_run_takes_its_capture_steps_eagerly(tiny_run, monkeypatch):
-    """Under train.compile a capture step (its forward feeds the grad buffer and detaches the
-    factor) runs eagerly, so the run compiles one graph, not a second variant for a rare
-    step; the result follows the eager run's. aot_eager stands in for inductor (fast on CPU)."""
+    """With capture_eager, under train.compile a capture step (its forward feeds the grad
+    buffer and detaches the factor) runs eagerly, so the run compiles one graph, not a second
+    variant for a rare step; the result follows the eager run's. aot_eager stands in for
+    inductor (fast on CPU)."""
     import functools
 
     from lowrank_train import trainer as trainer_module
@@ -406,6 +407,7 @@ def test_a_compiled_run_takes_its_capture_steps_eagerly(tiny_run, monkeypatch):
 
     def run(compile_: bool) -> tuple[dict[str, torch.Tensor], int]:
         overrides = ["weights.name=loqt", "weights.rank=16", "weights.update_gap=2"]
+        overrides += ["weights.capture_eager=true"]
         overrides += [f"train.compile={str(compile_).lower()}", "train.steps=4"]
         cfg, _ = load_run(tiny_run(f"c{compile_}"), overrides)
         torch._dynamo.reset()

@@ -310,10 +310,15 @@ def saved_by_inductors_partition(model, x) -> list[torch.Tensor]:
 
 
 def test_a_run_with_eager_steps_plans_eager_activations(tiny_run):
-    """LoQT's capture steps run eagerly under train.compile (`steps_uncompiled`), and the
-    first step is one: the eager saved set is the run's peak, so the planner plans it."""
+    """With capture_eager, LoQT's capture steps run eagerly under train.compile
+    (`steps_uncompiled`), and the first step is one: the eager saved set is the run's peak,
+    so the planner plans it; without the key every step is compiled and planned so."""
     overrides = ["weights.name=loqt", "weights.rank=16"]
     compiled, _ = load_run(tiny_run(), [*overrides, "train.compile=true"])
+    assert plan_run(compiled, "cpu", VOCAB).activation_mode != "eager"
+    compiled, _ = load_run(
+        tiny_run(), [*overrides, "train.compile=true", "weights.capture_eager=true"]
+    )
     eager, _ = load_run(tiny_run(), overrides)
     plan = plan_run(compiled, "cpu", VOCAB)
     assert plan.activation_mode == "eager"

@@ -123,10 +123,11 @@ class ParameterizedLinear(nn.Module):
         return []
 
     def steps_uncompiled(self) -> bool:
-        """True when the coming step's forward differs from the usual one (LoQT's capture
-        step): under `train.compile` the loop runs that step eagerly, so torch.compile keeps one
-        graph instead of compiling a second variant (a second full compile at 1B) for a rare
-        step. The loop asks only layers whose class overrides this."""
+        """True when the coming step should run uncompiled, its forward differing from the
+        usual one (LoQT's capture step, where the user asks): under `train.compile` the loop
+        then runs it eagerly, so torch.compile keeps one graph instead of compiling a second
+        variant for a rare step. The loop asks before every step, and the planner at build
+        time (before step 0), only layers whose class overrides this."""
         return False
 
     def writers(self) -> dict[str, Writer]:

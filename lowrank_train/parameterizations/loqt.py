@@ -236,8 +236,10 @@ class LoQTLinear(ParameterizedLinear):
         return {name: t.numel() * t.element_size() for name, t in saved.items()}
 
     def steps_uncompiled(self) -> bool:
-        """A capturing step (the grad buffer exists) runs eagerly: its graph differs."""
-        return self.grad_buffer is not None
+        """With `capture_eager`, a capturing step (the grad buffer exists) runs eagerly: its
+        graph differs. Step 0 captures, so asked at build time this says whether the run has
+        eager steps at all (the planner asks then)."""
+        return self.options.capture_eager and self.grad_buffer is not None
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
@@ -331,6 +333,11 @@ class LoQT(Parameterization):
         )
         moments_at_merge: Literal["keep", "reset"] = knob(
             "keep", "the factor's optimizer state at a merge: keep (the official code) or reset"
+        )
+        capture_eager: bool = knob(
+            False,
+            "train.compile: run capture steps uncompiled (one compiled graph instead of two, "
+            "at the eager step's larger activation memory)",
         )
 
     def convert(
