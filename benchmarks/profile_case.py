@@ -5,7 +5,8 @@ autotune, first refresh), then `--steps` steps run under `torch.profiler`.
 It prints, and writes as `profile_<case>.txt` under --out-dir: the wall time per step, the GPU
 time per step (the sum of kernel durations; wall minus GPU is the time the GPU waited on the
 host), the kernel time by family (our Triton kernels by name, cuBLAS GEMMs, inductor's fused
-kernels, other ATen kernels), and the top kernels. Not a benchmark row: it explains one.
+kernels, other ATen kernels), and the top kernels; and one JSON line (bench "profile") with the
+step's wall and GPU time and the time by family.
 
     python benchmarks/profile_case.py --cache DIR --case 7b:int8+apollo_mini+pl:accum1 --out-dir $OUT
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import training  # noqa: E402
+from harness import result_line, write_results  # noqa: E402
 
 FAMILIES = [  # first match wins; a kernel's family says which part of the code launched it
     ("ours: dequant-matmul", re.compile(r"_dq_matmul")),
@@ -37,7 +39,7 @@ def family(name: str) -> str:
     return next((label for label, pattern in FAMILIES if pattern.search(name)), "ATen other")
 
 
-def profile(case: dict, warm: int, steps: int) -> str:
+def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
     import torch
     from torch.profiler import ProfilerActivity
 
@@ -100,7 +102,13 @@ def profile(case: dict, warm: int, steps: int) -> str:
         lines += ["", f"host ops by own time (total {sum(host.values()) * 1e3:.1f} ms/step)"]
         for name, seconds in sorted(host.items(), key=lambda kv: -kv[1])[:25]:
             lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}")
-    return "\n".join(lines)
+    metrics = {
+        "wall_ms": round(wall * 1e3, 1),
+        "gpu_kernel_ms": round(gpu * 1e3, 1),
+        "gpu_busy": round(gpu / wall, 3),
+        "family_ms": {k: round(v * 1e3, 1) for k, v in by_family.items()},
+    }
+    return "\n".join(lines), metrics
 
 
 def main() -> None:
@@ -117,8 +125,17 @@ def main() -> None:
     cases = training.build_cases(args, "profile", [method], work)
     if not cases:
         sys.exit(f"profile_case.py: no case {args.case!r} (ids: size:method:accumN)")
-    report = profile(cases[0], args.warm, args.profile_steps)
+    report, metrics = profile(cases[0], args.warm, args.profile_steps)
     print(report)
+    row = result_line(
+        bench="profile",
+        case={"id": args.case},
+        provider="ours",
+        method=method,
+        settings={"warm_steps": args.warm, "profile_steps": args.profile_steps, "call": args.call},
+        metrics=metrics,
+    )
+    print(f"rows: {write_results('profile', args.device_slug, [row], args.out_dir)}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.case.replace(":", "_").replace("+", "_")  # names the device's $OUT takes back
     (args.out_dir / f"profile_{stem}.txt").write_text(report + "\n")
