@@ -8,7 +8,7 @@ trainable tensors and the writers' side buffers, optimizer state from each inner
 dtype rules and each projector's `state_bytes`, activations from the LLaMA block's formula
 (`activations`: eager mode, or the saved set of inductor's partition under `train.compile`),
 and the temporaries of the loss, the optimizer step and a refresh.
-Total = the largest phase (forward, backward, optimizer step, refresh) + the allocator's slack
+Total = the largest phase (forward, backward, optimizer step, refresh, a merge) + the allocator's slack
 + the CUDA context. When it does not fit, each suggestion is the planner re-run with one change.
 """
 
@@ -421,12 +421,19 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         (m.transient_bytes() for m in model.modules() if isinstance(m, ParameterizedLinear)),
         default=0,
     )
+    # a capture step (LoQT's merge steps) holds every layer's captured G through its forward,
+    # backward and the merges after it, which run one layer at a time
+    layers = [m for m in model.modules() if isinstance(m, ParameterizedLinear)]
+    captured = sum(m.step_buffer_bytes() for m in layers)
+    merge = max((m.merge_workspace_bytes() for m in layers), default=0)
     phases = {
-        "forward": resident + held + acts.total + max(loss_temp, transient),
-        "backward": resident + max(held + acts.total + loss_temp, walk + transient),
+        "forward": resident + held + captured + acts.total + max(loss_temp, transient),
+        "backward": resident + captured + max(held + acts.total + loss_temp, walk + transient),
         "optimizer_step": resident + grads + step_temp + during_backward,
         "refresh": resident + grads + refresh + during_backward,
     }
+    if captured:
+        phases["merge"] = resident + captured + merge
     components = {
         "weights": weights,
         "gradients": grads + side,
@@ -434,7 +441,8 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
         "projector": projected,
         "quant_scales": scales,
         "activations": acts.total,
-        "temporary": max(loss_temp, step_temp, refresh, transient),
+        # a merge step's captured G is temporary: it exists only on the steps that capture
+        "temporary": max(loss_temp, step_temp, refresh, transient, captured + merge),
         "cuda_context": CUDA_CONTEXT_BYTES if device == "cuda" else 0,
     }
     if device == "cuda":

@@ -112,6 +112,17 @@ class ParameterizedLinear(nn.Module):
         freed before it returns (e.g. a dequantized W); the planner adds the largest."""
         return 0
 
+    def step_buffer_bytes(self) -> int:
+        """Bytes this layer holds beside its storage through the whole of some steps and the
+        work after them (LoQT's captured G, fp32 out x in, on a merge step): the planner adds
+        every layer's to a capture step's forward and backward and to the merges after it."""
+        return 0
+
+    def merge_workspace_bytes(self) -> int:
+        """Bytes one layer's `after_step` work allocates at its peak (LoQT's merged fp32 W, its
+        re-quantization and the basis finder's workspace); merges run one layer at a time."""
+        return 0
+
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
         """Periodic work after optimizer step `step` (e.g. LoQT's merge); returns its events.
 

@@ -186,6 +186,19 @@ class LoQTLinear(ParameterizedLinear):
         shape = (self.out_features, self.in_features)
         return dequantized_bytes(shape, self.factor.dtype, self.options.matmul)
 
+    def step_buffer_bytes(self) -> int:
+        """The fp32 captured G of a merge step (every run captures at step 0)."""
+        return 4 * self.out_features * self.in_features
+
+    def merge_workspace_bytes(self) -> int:
+        """A merge's peak beside the captured G, in fp32 matrices of W's shape: the merged W
+        with the basis finder's workspace on G (the planner's measured SVD_WORKSPACE factor),
+        or later `requantize`'s W, target, residual and low-rank or dequantized temporary."""
+        from lowrank_train.planner import SVD_WORKSPACE  # lazily: the planner imports models
+
+        matrix = 4 * self.out_features * self.in_features
+        return int(max(1 + SVD_WORKSPACE[self.options.svd], 4) * matrix)
+
     def p_hat(self) -> Tensor:
         """P^: the projection the forward uses, in the factor's dtype."""
         if not self.options.quantize_projection:
