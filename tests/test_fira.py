@@ -80,6 +80,26 @@ def test_fira_matches_the_float64_reference(shape, placement):
         torch.testing.assert_close(a, b, **FP32)
 
 
+@pytest.mark.parametrize("placement", ["code", "paper"])
+def test_the_direction_a_writer_applies_matches_the_reference(placement):
+    """`direction` (what a quantized weight's writer applies, W - lr D) is the same move as
+    the optimizer's fused update: it follows the float64 reference through refreshes and the
+    limiter."""
+    grads = gradients((24, 16), 9)
+    grads[6] = grads[6] * 50
+    options = dict(rank=4, update_gap=4, scale=0.25, svd="exact", alpha_placement=placement)
+    fira = Fira(Fira.Config(**options), seed=0)
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, state_dtype="auto")
+    w = torch.zeros_like(grads[0])
+    state = fira.init_state(w, "layer.weight")
+    ref = fira_reference(grads, 4, 4, 0.25, 1e-2, 0.9, 0.999, 1e-6, 0.0, 1.01, placement == "paper")
+    for t, (g, expected) in enumerate(zip(grads, ref, strict=True), start=1):
+        if fira.needs_refresh(state, t):
+            fira.refresh(g, state)
+        w = w - hp["lr"] * fira.direction(w, g, state, t, hp)
+        torch.testing.assert_close(w, expected, **FP32)
+
+
 def test_the_placements_differ_and_full_rank_paper_placement_is_galore():
     """r = n with an orthonormal basis: the paper's residual (I - Q Q^T) G is 0, so S = 0 and
     Fira is GaLore; the code's residual keeps (1 - alpha) G, so it is not."""

@@ -212,11 +212,6 @@ def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None 
         state[key] = value.to(MOMENT_DTYPES[state_dtype])
 
 
-def limit_norm_growth(update: Tensor, state: State, gamma: float) -> Tensor:
-    """Fira's and APOLLO's limiter: if ||S_t|| > gamma ||S_{t-1}||, rescale S_t to gamma ||S_{t-1}||."""
-    return update / limiter_factor(update.float().norm(), state, gamma).to(update.dtype)
-
-
 def limiter_factor(norm: Tensor, state: State, gamma: float) -> Tensor:
     """The limiter's divisor for an update of norm ||S_t||: max(||S_t|| / ||S_{t-1}||, gamma) / gamma
     (1 on the first step, which only records the norm).
@@ -348,6 +343,17 @@ class LowRankAdam(Projector):
         basis = state["basis"]
         low = low.to(basis.dtype)
         return low @ basis.T if state["side"] == "right" else basis @ low
+
+    def add_back(
+        self, base: Tensor, low: Tensor, state: State, alpha: float, inplace: bool = False
+    ) -> Tensor:
+        """base + alpha * back(low) by one GEMM accumulating onto base (addmm; in place when
+        asked): no full-size image of low is formed, scaled or read again. base in the basis's
+        dtype (the gradient's or the parameter's)."""
+        basis = state["basis"]
+        low = low.to(basis.dtype)
+        a, b = (low, basis.T) if state["side"] == "right" else (basis, low)
+        return base.addmm_(a, b, alpha=alpha) if inplace else torch.addmm(base, a, b, alpha=alpha)
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         """GaLore: alpha * N B^T."""

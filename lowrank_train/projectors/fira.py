@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
-from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limit_norm_growth
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limiter_factor
 from lowrank_train.projectors.galore import SVDProjector
 
 if TYPE_CHECKING:
@@ -84,19 +84,39 @@ class Fira(SVDProjector):
         super().validate(cfg)
         check_gamma(self.options.gamma)
 
-    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        o, side = self.options, state["side"]
-        dtype = scale_dtype(grad)
+    def placement(self) -> tuple[float, float]:
+        """(a_r, a_s): alpha in the residual and on S (the module docstring)."""
+        alpha = self.options.scale
+        return (1.0, alpha) if self.options.alpha_placement == "paper" else (alpha, 1.0)
+
+    def limited_residual(
+        self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State
+    ) -> Tensor:
+        """S after the limiter, diag(phi) (G - a_r back(R)) / factor, in G's dtype: the one
+        m x n temporary, formed by one GEMM onto G and scaled in place (no other full pass
+        than its norm's)."""
+        side, dtype = state["side"], scale_dtype(grad)
         phi = channel_norms(low_update, side, dtype) / (
             channel_norms(low_grad, side, dtype) + RATIO_EPS
         )
-        paper = o.alpha_placement == "paper"
-        residual = grad - self.back(low_grad, state) * (1.0 if paper else o.scale)
-        limited = limit_norm_growth(residual * phi.to(grad.dtype), state, o.gamma)
-        projected = self.back(low_update, state)
-        if paper:
-            return (projected + limited) * o.scale
-        return projected * o.scale + limited
+        a_r, _ = self.placement()
+        residual = self.add_back(grad, low_grad, state, -a_r).mul_(phi.to(grad.dtype))
+        norm = torch.linalg.vector_norm(residual, dtype=dtype)
+        return residual.div_(limiter_factor(norm, state, self.options.gamma).to(grad.dtype))
+
+    def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
+        """a_s S + alpha back(N) (the paper: alpha (back(N) + S)), onto S by one GEMM."""
+        _, a_s = self.placement()
+        limited = self.limited_residual(low_update, low_grad, grad, state)
+        if a_s != 1.0:
+            limited.mul_(a_s)
+        return self.add_back(limited, low_update, state, self.options.scale, inplace=True)
+
+    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
+        """W += alpha (a_s S + scale back(N)): S added in one pass, back(N) by one GEMM into W."""
+        _, a_s = self.placement()
+        param.add_(self.limited_residual(low_update, low_grad, grad, state), alpha=alpha * a_s)
+        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """GaLore's 2 moments of D x r and the d x r basis, plus the limiter's fp32 norm."""

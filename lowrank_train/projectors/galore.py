@@ -70,15 +70,9 @@ class GaLore(SVDProjector):
     accumulates_projected = True  # its update reads G only through R = down(G)
 
     def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha * scale * back(N) as one GEMM accumulating into W (addmm_): no full-size
-        direction is formed, scaled or read again (the step's largest memory traffic)."""
-        basis = state["basis"]
-        low = low_update.to(basis.dtype)
-        a = alpha * self.options.scale
-        if state["side"] == "right":
-            param.addmm_(low, basis.T, alpha=a)
-        else:
-            param.addmm_(basis, low, alpha=a)
+        """W += alpha * scale * back(N) as one GEMM accumulating into W: no full-size direction
+        is formed, scaled or read again (the step's largest memory traffic)."""
+        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
 
     @dataclass
     class Config(SVDOptions):
