@@ -105,6 +105,22 @@ def _(x, codes, scales, fmt, shape, group_size, grad_buffer, matmul):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
+ROW_ALIGN = 8  # elements of bf16: cuBLAS's fast kernels want 16-byte-aligned rows
+
+
+def weight_grad(g: Tensor, x: Tensor, pad: bool) -> Tensor:
+    """g^T x (out, in) for g (T, out) and x (T, in) of one dtype. With `pad`, an operand whose
+    rows are not a multiple of ROW_ALIGN is zero-padded first (one copy of it) and the product
+    sliced: a misaligned row (the 5461-wide MLP of llama_1b) sends cuBLAS to its slow legacy
+    kernels, which inductor's pad_mm avoids the same way for the dense model's matmuls."""
+    out, inp = g.shape[1], x.shape[1]
+    if not pad or (out % ROW_ALIGN == 0 and inp % ROW_ALIGN == 0):
+        return torch.mm(g.T, x)
+    g = torch.nn.functional.pad(g, (0, -out % ROW_ALIGN))
+    x = torch.nn.functional.pad(x, (0, -inp % ROW_ALIGN))
+    return torch.mm(g.T, x)[:out, :inp]
+
+
 @torch.library.custom_op("lowrank_train::accumulate_weight_grad", mutates_args=("grad_buffer",))
 def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
     """grad_buffer (out, in) += g^T x over all leading dimensions of g (..., out), x (..., in)."""
@@ -114,10 +130,11 @@ def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
             "released (no memory): its writer's acquire_grad must run before its backward"
         )
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    if g2.dtype == x2.dtype == grad_buffer.dtype:
+    aligned = grad_buffer.shape[0] % ROW_ALIGN == 0 and grad_buffer.shape[1] % ROW_ALIGN == 0
+    if g2.dtype == x2.dtype == grad_buffer.dtype and (aligned or not g2.is_cuda):
         grad_buffer.addmm_(g2.T, x2)  # accumulates in place: no (out, in) temporary
     else:  # e.g. bf16 activations into an fp32 buffer: the GEMM in the activations' dtype
-        grad_buffer.add_(torch.mm(g2.T, x2.to(g2.dtype)))
+        grad_buffer.add_(weight_grad(g2, x2.to(g2.dtype), pad=g2.is_cuda))
 
 
 @_accumulate_weight_grad.register_fake
