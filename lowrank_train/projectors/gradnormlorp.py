@@ -56,29 +56,33 @@ def work_dtype(grad: Tensor) -> torch.dtype:
     return torch.float64 if grad.dtype == torch.float64 else torch.float32
 
 
-def row_norms(v: Tensor) -> Tensor:
-    """||v_i|| of each output row, (m, 1)."""
-    return v.norm(dim=1, keepdim=True).clamp_min(NORM_FLOOR)
+def row_norms(v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """||v_i|| of each output row, (m, 1), accumulated in `dtype` (no upcast copy of v)."""
+    return torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=dtype).clamp_min(NORM_FLOOR)
 
 
 def magnitude_grad(grad: Tensor, v: Tensor) -> Tensor:
-    """dL/dg_i = <G_i, v_i> / ||v_i||, (m, 1)."""
-    return (grad * v).sum(dim=1, keepdim=True) / row_norms(v)
+    """dL/dg_i = <G_i, v_i> / ||v_i||, (m, 1), accumulated in fp32 at least."""
+    dtype = work_dtype(grad)
+    return (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / row_norms(v, dtype)
 
 
 def direction_grad(grad: Tensor, v: Tensor, g: Tensor) -> Tensor:
     """dL/dv_i = (g_i / ||v_i||) (G_i - (dL/dg_i) v_i / ||v_i||), (m, n)."""
-    norms = row_norms(v)
-    return (g / norms) * (grad - magnitude_grad(grad, v) * v / norms)
+    norms = row_norms(v, work_dtype(grad))
+    return (g / norms) * torch.addcmul(grad, v, -magnitude_grad(grad, v) / norms)
 
 
 def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(g, dL/dg, dL/dv, zero rows) at g = ||v||. A zero row has no direction to normalize: it
-    takes the plain gradient and is not renormalized (so a zero-initialized tensor trains)."""
-    g = row_norms(v)
-    zero = g <= NORM_FLOOR
-    grad_v = torch.where(zero, grad, direction_grad(grad, v, g))
-    return g, magnitude_grad(grad, v), grad_v, zero
+    """(g, dL/dg, dL/dv, zero rows) at g = ||v||, where g / ||v|| is 1: dL/dv = G - (dL/dg / g) v
+    in one pass at the gradient's precision, the row sums in fp32. A zero row has no direction
+    to normalize: dL/dg is 0 there, so it takes the plain gradient (and is not renormalized,
+    so a zero-initialized tensor trains)."""
+    dtype = work_dtype(grad)
+    g = row_norms(v, dtype)
+    grad_g = (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / g
+    grad_v = torch.addcmul(grad, v, (-grad_g / g).to(grad.dtype))
+    return g, grad_g, grad_v, g <= NORM_FLOOR
 
 
 @PROJECTORS.register
@@ -99,17 +103,17 @@ class GradNormLoRP(SVDProjector):
 
     def refresh_input(self, param: Tensor, grad: Tensor) -> Tensor:
         """The basis comes from the direction's gradient dL/dv, not from G."""
-        v = param.to(work_dtype(grad))
-        return split(grad.to(v.dtype), v)[2].to(grad.dtype)
+        return split(grad, param.to(grad.dtype))[2]
 
     def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
-        """g' v' / ||v'|| after one Adam step of the direction (projected) and the magnitude."""
-        dtype = work_dtype(grad)
-        v = param.to(dtype)
-        g, grad_g, grad_v, zero = split(grad.to(dtype), v)
-        low_update, low_grad, correction = self.moments_step(grad_v.to(param.dtype), state, hp)
-        step_v = self.up(low_update, low_grad, grad_v, state).to(dtype)
-        v_new = v - (hp["lr"] * correction) * step_v
+        """g' v' / ||v'|| after one Adam step of the direction (projected) and the magnitude,
+        in the basis's dtype: v' by one GEMM onto W (add_back), rescaled in place by an fp32
+        row factor (so the row norms are not rounded to the weight's precision)."""
+        g, grad_g, grad_v, zero = split(grad, param.to(grad.dtype))
+        low_update, _, correction = self.moments_step(grad_v.to(param.dtype), state, hp)
+        del grad_v  # the step reads only N from here on
+        base = param.to(state["basis"].dtype)
+        v_new = self.add_back(base, low_update, state, -hp["lr"] * correction * self.options.scale)
         if "magnitude_exp_avg" not in state:
             state["magnitude_exp_avg"] = torch.zeros(g.shape[0], device=g.device)
             state["magnitude_exp_avg_sq"] = torch.zeros(g.shape[0], device=g.device)
@@ -121,10 +125,11 @@ class GradNormLoRP(SVDProjector):
             beta1=beta1,
             beta2=beta2,
             eps=hp["eps"],
-        ).to(dtype)
+        ).to(g.dtype)
         correction_g = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
         g_new = g - (hp["lr"] * correction_g) * step_g[:, None]
-        return torch.where(zero, v_new, g_new * v_new / row_norms(v_new))
+        factor = g_new / row_norms(v_new, g.dtype)
+        return v_new.mul_(torch.where(zero, torch.ones_like(factor), factor))
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """(W - W_new) / lr: W - lr * direction is the new weight (zero at lr 0)."""
