@@ -146,9 +146,10 @@ class Flora(Projector):
 
     # -- the step ----------------------------------------------------------------------------
     # Passes over the m x n gradient are the step's cost: the row and column statistics are
-    # norms accumulated in fp32 (no G^2 or fp32 copy of G), u is the one full-size fp32
-    # temporary, o is formed in place over it by one GEMM (addmm_), and the clip, the scale and
-    # the relative step reach W in one fused multiply-add.
+    # norms accumulated in fp32 (no G^2 or fp32 copy of G), u is the one full-size temporary
+    # (at the gradient's precision, so the projections are GEMMs of that dtype), o is formed in
+    # place over it by one GEMM (addmm_), and the clip, the scale and the relative step reach W
+    # in one fused multiply-add.
 
     def step_parts(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict):
         """(o, k, relative factor): the Adafactor-Flora output before its clip, k = scale /
@@ -163,7 +164,9 @@ class Flora(Projector):
             mean_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=dtype).square_() / count
             state[key].mul_(beta2t).add_((mean_sq + o_.eps).to(state[key].dtype), alpha=1 - beta2t)
         row, col = state["row"].to(dtype), state["col"].to(dtype)
-        u = torch.mul(grad, (row / row.mean()).rsqrt()[:, None].to(dtype))  # G in dtype, one pass
+        # u at the gradient's precision (bf16 on the GPU, as the other projectors' passes),
+        # each product computed in fp32 from the fp32 factors and rounded once per element
+        u = torch.mul(grad, (row / row.mean()).rsqrt()[:, None], out=torch.empty_like(grad))
         u.mul_(col.rsqrt()[None, :])
         b1 = o_.beta1
         if b1 > 0:
@@ -183,9 +186,12 @@ class Flora(Projector):
                 else:
                     momentum = self.transport(momentum, basis, new, side)
                 basis = new
-            momentum = b1 * momentum + (1 - b1) * self.down(u, basis, side)
+            # the projections' GEMMs at u's precision; the D x r momentum's EMA in fp32
+            low_u = self.down(u, basis.to(u.dtype), side).to(dtype)
+            momentum = b1 * momentum + (1 - b1) * low_u
             write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
             # o = (1 - b1) u + b1 up(M_(t-1)), written over u (down(u) is already taken)
+            previous, previous_basis = previous.to(u.dtype), previous_basis.to(u.dtype)
             if side == "right":
                 u.addmm_(previous, previous_basis.T, beta=1 - b1, alpha=b1)
             else:
