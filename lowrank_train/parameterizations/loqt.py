@@ -339,7 +339,10 @@ class LoQT(Parameterization):
         format: Literal["nf4", "int4"] = knob("nf4", "4-bit format of W (and of P): nf4 | int4")
         group_size: int = knob(64, "quantization block of W and P (bitsandbytes' 64)")
         quantize_projection: bool = knob(True, "store P 4-bit too, as the official scripts do")
-        matmul: Literal["fused", "dequantize"] = matmul_knob()
+        # dequantize: bitsandbytes' 4-bit training matmul, which the official code runs, and on
+        # the H200 our fused NF4 kernel is 5-8x slower than deq + cuBLAS from 256 tokens up
+        # (bench_kernels, 2026-12-01)
+        matmul: Literal["fused", "dequantize"] = matmul_knob("dequantize")
         svd: Literal["exact", "fast"] = knob(
             "exact",
             "basis finder of P: exact (the official full SVD) or fast (warm subspace iteration)",

@@ -37,10 +37,11 @@ FORMATS = ("int8", "int4", "nf4")
 MATMULS = ("fused", "dequantize")
 
 
-def matmul_knob():
-    """The `weights.matmul` key of every quantized parameterization (one definition)."""
+def matmul_knob(default: str = "fused"):
+    """The `weights.matmul` key of every quantized parameterization (one definition; each
+    method picks its default)."""
     return knob(
-        "fused",
+        default,
         "fused: the dequant-matmul kernels (no copy of W); dequantize: deq(W) then the GEMM of "
         "torch (an m x n transient of one layer, inside the op)",
     )
