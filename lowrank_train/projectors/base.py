@@ -344,20 +344,26 @@ class LowRankAdam(Projector):
         low = low.to(basis.dtype)
         return low @ basis.T if state["side"] == "right" else basis @ low
 
+    def basis_of(self, state: State, dtype: torch.dtype) -> Tensor:
+        """The (d, r) basis a step multiplies by, for a full-size operand of `dtype`: the stored
+        one, already in the parameter's dtype (Q-GaLore dequantizes its INT4 codes in `dtype`)."""
+        return state["basis"]
+
     def add_back(
         self, base: Tensor, low: Tensor, state: State, alpha: float, inplace: bool = False
     ) -> Tensor:
         """base + alpha * back(low) by one GEMM accumulating onto base (addmm; in place when
-        asked): no full-size image of low is formed, scaled or read again. base in the basis's
-        dtype (the gradient's or the parameter's)."""
-        basis = state["basis"]
+        asked): no full-size image of low is formed, scaled or read again. The basis is taken
+        in base's dtype (`basis_of`)."""
+        basis = self.basis_of(state, base.dtype)
         low = low.to(basis.dtype)
         a, b = (low, basis.T) if state["side"] == "right" else (basis, low)
         return base.addmm_(a, b, alpha=alpha) if inplace else torch.addmm(base, a, b, alpha=alpha)
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        """GaLore: alpha * N B^T."""
-        return self.back(low_update, state) * self.options.scale
+        """GaLore: alpha * N B^T, at the gradient's precision (N is fp32: a full-size product
+        in fp32 would be an fp32 GEMM and an fp32 m x n temporary)."""
+        return self.back(low_update.to(grad.dtype), state) * self.options.scale
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         low_update, low_grad, correction = self.moments_step(grad, state, hp)

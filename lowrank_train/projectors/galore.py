@@ -27,6 +27,11 @@ BATCH_BYTES = 2**28  # fp32 input of one batched finder call (256 MiB; temporari
 class SVDProjector(LowRankAdam):
     """A LowRankAdam whose basis is the gradient's top-r singular vectors (GaLore, Fira, Q-GaLore)."""
 
+    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
+        """W += alpha * scale * back(N) as one GEMM accumulating into W: no full-size direction
+        is formed, scaled or read again (the step's largest memory traffic)."""
+        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
+
     def new_basis(self, grad: Tensor, state: State) -> Tensor:
         gen = generator(self.seed, state["name"], "refresh", state["refreshes"])
         previous = self.previous_basis(state)
@@ -68,11 +73,6 @@ class GaLore(SVDProjector):
 
     name = "galore"
     accumulates_projected = True  # its update reads G only through R = down(G)
-
-    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha * scale * back(N) as one GEMM accumulating into W: no full-size direction
-        is formed, scaled or read again (the step's largest memory traffic)."""
-        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
 
     @dataclass
     class Config(SVDOptions):

@@ -108,6 +108,9 @@ class QGaLore(SVDProjector):
         shape = (state["basis_rows"], self.options.rank)
         return dequantize_basis(state["basis_codes"], state["basis_scales"], shape, dtype)
 
+    def basis_of(self, state: State, dtype: torch.dtype) -> Tensor:
+        return self.basis(state, dtype)
+
     def previous_basis(self, state: State) -> Tensor | None:
         return self.basis(state, torch.float32) if "basis_codes" in state else None
 
