@@ -13,7 +13,6 @@ from lowrank_train.parameterizations.quantized import (
     _accumulate_weight_grad,
     _quantized_linear,
     quantized_linear,
-    weight_grad,
 )
 
 SHAPE = (6, 160)  # odd groups: 960 elements in groups of 64 -> 15 groups spanning rows
@@ -170,15 +169,3 @@ def test_the_dequantized_copy_is_what_the_layer_declares_and_only_under_dequanti
     layer(x).sum().backward()
     expected = [SHAPE[0] * SHAPE[1] * 2] * 2 if matmul == "dequantize" else []
     assert made == expected and layer.transient_bytes() == max(expected, default=0)
-
-
-@pytest.mark.parametrize("shape", [(24, 40), (21, 40), (24, 37), (21, 37)])
-def test_the_padded_weight_gradient_equals_the_plain_one(shape):
-    """weight_grad with `pad` (the CUDA path: rows not a multiple of 8 are zero-padded so
-    cuBLAS takes its aligned kernels) is g^T x of the unpadded operands, sliced back."""
-    out, inp = shape
-    g, x = torch.randn(50, out), torch.randn(50, inp)
-    padded = weight_grad(g, x, pad=True)
-    assert padded.shape == (out, inp)
-    torch.testing.assert_close(padded, weight_grad(g, x, pad=False), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(padded, (g.double().T @ x.double()).float(), rtol=1e-5, atol=1e-5)

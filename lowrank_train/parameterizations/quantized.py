@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lowrank_train.config import knob
 from lowrank_train.kernels import ops as kernels
+from lowrank_train.parameterizations import gemm
 from lowrank_train.parameterizations.base import storage_allocated
 
 FORMATS = ("int8", "int4", "nf4")
@@ -61,9 +62,7 @@ def _matmul(
 ) -> Tensor:
     """x deq(W)^T through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
     if matmul == "dequantize":
-        return torch.nn.functional.linear(
-            x, _dequantized(codes, scales, fmt, shape, group_size, x.dtype)
-        )
+        return gemm.linear(x, _dequantized(codes, scales, fmt, shape, group_size, x.dtype))
     if fmt == "int8":
         return kernels.int8_matmul(x, codes, scales, group_size)
     if fmt == "int4":
@@ -78,7 +77,7 @@ def _matmul_grad_x(
 ) -> Tensor:
     """g deq(W) through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
     if matmul == "dequantize":
-        return g @ _dequantized(codes, scales, fmt, shape, group_size, g.dtype)
+        return gemm.matmul(g, _dequantized(codes, scales, fmt, shape, group_size, g.dtype))
     if fmt == "int8":
         return kernels.int8_matmul_grad_x(g, codes, scales, group_size)
     if fmt == "int4":
@@ -106,22 +105,6 @@ def _(x, codes, scales, fmt, shape, group_size, grad_buffer, matmul):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-ROW_ALIGN = 8  # elements of bf16: cuBLAS's fast kernels want 16-byte-aligned rows
-
-
-def weight_grad(g: Tensor, x: Tensor, pad: bool) -> Tensor:
-    """g^T x (out, in) for g (T, out) and x (T, in) of one dtype. With `pad`, an operand whose
-    rows are not a multiple of ROW_ALIGN is zero-padded first (one copy of it) and the product
-    sliced: a misaligned row (the 5461-wide MLP of llama_1b) sends cuBLAS to its slow legacy
-    kernels, which inductor's pad_mm avoids the same way for the dense model's matmuls."""
-    out, inp = g.shape[1], x.shape[1]
-    if not pad or (out % ROW_ALIGN == 0 and inp % ROW_ALIGN == 0):
-        return torch.mm(g.T, x)
-    g = torch.nn.functional.pad(g, (0, -out % ROW_ALIGN))
-    x = torch.nn.functional.pad(x, (0, -inp % ROW_ALIGN))
-    return torch.mm(g.T, x)[:out, :inp]
-
-
 @torch.library.custom_op("lowrank_train::accumulate_weight_grad", mutates_args=("grad_buffer",))
 def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
     """grad_buffer (out, in) += g^T x over all leading dimensions of g (..., out), x (..., in)."""
@@ -131,11 +114,11 @@ def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
             "released (no memory): its writer's acquire_grad must run before its backward"
         )
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    aligned = grad_buffer.shape[0] % ROW_ALIGN == 0 and grad_buffer.shape[1] % ROW_ALIGN == 0
+    aligned = all(d % gemm.ROW_ALIGN == 0 for d in grad_buffer.shape)
     if g2.dtype == x2.dtype == grad_buffer.dtype and (aligned or not g2.is_cuda):
         grad_buffer.addmm_(g2.T, x2)  # accumulates in place: no (out, in) temporary
-    else:  # e.g. bf16 activations into an fp32 buffer: the GEMM in the activations' dtype
-        grad_buffer.add_(weight_grad(g2, x2.to(g2.dtype), pad=g2.is_cuda))
+    else:  # bf16 activations into an fp32 buffer, or misaligned rows: GEMM, then add
+        grad_buffer.add_(gemm.mm(g2.T, x2.to(g2.dtype)))
 
 
 @_accumulate_weight_grad.register_fake

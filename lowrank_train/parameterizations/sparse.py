@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowrank_train.parameterizations import gemm
+
 INDEX_DTYPE = torch.int32
 
 
@@ -32,7 +34,7 @@ def sparse_plus_lowrank(
     A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float
 ) -> Tensor:
     """W = s B A with v added at the row-major flat positions I of the (out, in) matrix."""
-    W = torch.mm(B, A * scale)
+    W = gemm.mm(B, A * scale)
     W.view(-1).index_add_(0, index, values)
     return W
 
@@ -45,7 +47,7 @@ def sparse_plus_lowrank(
 def _forward(
     x: Tensor, A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float
 ) -> Tensor:
-    return x @ sparse_plus_lowrank(A, B, values, index, scale).T
+    return gemm.linear(x, sparse_plus_lowrank(A, B, values, index, scale))
 
 
 @_forward.register_fake
@@ -58,9 +60,10 @@ def _backward(
     g: Tensor, x: Tensor, A: Tensor, B: Tensor, values: Tensor, index: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dX, dA, dB, dv); W is rebuilt and dropped before G exists: one (out, in) at a time."""
-    grad_x = g @ sparse_plus_lowrank(A, B, values, index, scale)
-    G = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])  # (out, in)
-    return grad_x, (B.T @ G) * scale, (G @ A.T) * scale, G.view(-1).index_select(0, index)
+    grad_x = gemm.matmul(g, sparse_plus_lowrank(A, B, values, index, scale))
+    G = gemm.mm(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1]))  # (out, in)
+    grad_a, grad_b = gemm.mm(B.T, G) * scale, gemm.mm(G, A.T) * scale
+    return grad_x, grad_a, grad_b, G.view(-1).index_select(0, index)
 
 
 @_backward.register_fake
