@@ -15,6 +15,7 @@ A `refresh` case times the basis finders alone on the preset's projected shapes 
 the fast finder, cold and warm) on gradients with a decaying spectrum.
 
     python benchmarks/bench_optim.py --cache DIR [--only 1b] [--methods adamw,galore,...] [--steps 250]
+        [--out-dir $OUT] [--call NAME] [--dense-tok-s X]
 """
 
 from __future__ import annotations
@@ -207,6 +208,14 @@ def main() -> None:
         help="ours: adamw and projector names; peers: galore-torch, apollo-torch; refresh",
     )
     ap.add_argument("--state-dtype", default="bfloat16", help="our moments (the peers': bf16)")
+    ap.add_argument("--out-dir", type=Path, help="rows go here as each case ends ($OUT on the GPU)")
+    ap.add_argument("--call", help="label of this call, in every row")
+    ap.add_argument(
+        "--dense-tok-s",
+        type=float,
+        help="our dense AdamW's tok/s from a call just before on the same machine (the ratio's "
+        "base when this call runs no adamw case; the rows say where it came from)",
+    )
     args = ap.parse_args()
     shapes = {"350m": ("llama_350m", 8), "1b": ("llama_1b", 32)}
     cases = []
@@ -227,17 +236,17 @@ def main() -> None:
                     "state_dtype": args.state_dtype,
                 }
             )
-    results = run_cases(Path(__file__).resolve(), cases, timeout_s=1200)
-    rows = []
-    dense = {
-        c["model"]: r["tok_s"]
-        for c, r in zip(cases, results, strict=True)
-        if c["method"] == "adamw" and "error" not in r
-    }
-    for case, res in zip(cases, results, strict=True):
+    dense: dict[str, float] = {}
+    written: list[Path] = []
+
+    def record(case: dict, res: dict) -> None:
+        """One row as soon as its case ends (a call cut short keeps the rows it ran)."""
         if "error" in res:
             print(f"{case['model']} {case['provider']} {case['method']}: FAILED {res['error']}")
-            continue
+            return
+        if case["method"] == "adamw" and "tok_s" in res:
+            dense[case["model"]] = res["tok_s"]
+        base = dense.get(case["model"], args.dense_tok_s)
         settings = {
             "rank": case["rank"],
             "update_gap": GAP,
@@ -249,27 +258,26 @@ def main() -> None:
             "per_layer": False,
             "steps": case["steps"],
             "svd": "fast" if case["provider"] == "ours" and case["method"] != "adamw" else None,
+            "call": args.call,
         }
-        ratio = (
-            res["tok_s"] / dense[case["model"]]
-            if "tok_s" in res and case["model"] in dense
-            else None
+        if case["model"] not in dense and base is not None:
+            settings["dense_from"] = f"--dense-tok-s {base:.0f} (an earlier call)"
+        ratio = res["tok_s"] / base if "tok_s" in res and base else None
+        row = result_line(
+            bench="optim",
+            case={
+                "model": case["model"],
+                "batch_size": case["batch_size"],
+                "seq_len": 256,
+                "cap_gib": CAP_GIB,
+            },
+            provider=case["provider"],
+            method=case["method"],
+            settings=settings,
+            metrics={**res, "vs_our_dense_adamw": ratio},
         )
-        rows.append(
-            result_line(
-                bench="optim",
-                case={
-                    "model": case["model"],
-                    "batch_size": case["batch_size"],
-                    "seq_len": 256,
-                    "cap_gib": CAP_GIB,
-                },
-                provider=case["provider"],
-                method=case["method"],
-                settings=settings,
-                metrics={**res, "vs_our_dense_adamw": ratio},
-            )
-        )
+        kwargs = {"out_dir": args.out_dir} if args.out_dir else {}
+        written.append(write_results("optim", args.device_slug, [row], **kwargs))
         print(
             f"{case['model']} {case['provider']:<13} {case['method']:<12} "
             + " ".join(
@@ -278,7 +286,9 @@ def main() -> None:
             + (f" | x dense {ratio:.3f}" if ratio else ""),
             flush=True,
         )
-    print(f"results: {write_results('optim', args.device_slug, rows)}")
+
+    run_cases(Path(__file__).resolve(), cases, timeout_s=1200, on_result=record)
+    print(f"results: {written[-1] if written else 'no rows'}")
 
 
 if __name__ == "__main__":

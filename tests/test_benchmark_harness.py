@@ -265,3 +265,44 @@ def test_the_fast_refresh_keeps_the_exact_energy_on_a_real_runs_gradients(tiny_r
     # the records are real gradients: they change between the two steps
     late, early = next(iter(records[1].values())), next(iter(records[0].values()))
     assert not torch.equal(late, early)
+
+
+def test_bench_optim_writes_each_row_as_its_case_ends(monkeypatch, tmp_path):
+    """bench_optim's rows: one per finished case, appended before the next case runs (a call
+    cut short keeps them), the ratio to the call's dense AdamW, or to `--dense-tok-s` from an
+    earlier call (said in `settings.dense_from`), and a failed case gives no row."""
+    import datetime
+
+    import bench_optim
+
+    results = {
+        "adamw": {"tok_s": 60000.0, "peak_gib": 22.0, "peak_alloc_gib": 20.0},
+        "galore": {"tok_s": 57000.0, "peak_gib": 20.0, "peak_alloc_gib": 17.0},
+        "fira": {"error": "timed out after 1200 s"},
+    }
+    rows_file = tmp_path / f"optim_h200_{datetime.date.today().isoformat()}.jsonl"
+
+    lines_after_each_case = []
+
+    def fake_run_cases(script, cases, timeout_s, on_result):
+        for case in cases:
+            on_result(case, results[case["method"]])
+            lines_after_each_case.append(len(rows_file.read_text().splitlines()))
+        return [results[c["method"]] for c in cases]
+
+    def run(*args: str) -> list[dict]:
+        argv = ["bench_optim.py", "--cache", "C", "--device-slug", "h200", "--out-dir"]
+        monkeypatch.setattr(sys, "argv", [*argv, str(tmp_path), *args])
+        monkeypatch.setattr(bench_optim, "run_cases", fake_run_cases)
+        bench_optim.main()
+        return [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+    rows = run("--methods", "adamw,galore,fira", "--call", "optim-1")
+    assert [r["method"] for r in rows] == ["adamw", "galore"]
+    assert lines_after_each_case == [1, 2, 2]
+    assert rows[1]["metrics"]["vs_our_dense_adamw"] == 57000 / 60000
+    assert rows[1]["settings"]["call"] == "optim-1" and "dense_from" not in rows[1]["settings"]
+    rows_file.unlink()
+    rows = run("--methods", "galore", "--dense-tok-s", "59358")
+    assert rows[0]["metrics"]["vs_our_dense_adamw"] == 57000 / 59358
+    assert rows[0]["settings"]["dense_from"].startswith("--dense-tok-s 59358")
