@@ -12,7 +12,9 @@ cold first refresh, ours only: the peers' first window also holds the compile), 
 (each later refresh: ours from the optimizer's refresh events; the peers' as the refresh
 window's excess over the median window), `peak_gib` and `peak_alloc_gib`.
 A `refresh` case times the basis finders alone on the preset's projected shapes (exact SVD vs
-the fast finder, cold and warm) on gradients with a decaying spectrum.
+the fast finder, cold and warm) on gradients with a decaying spectrum, and splits the warm
+refresh, batched by shape as the optimizer runs it, into its parts (products, CholeskyQR's
+Cholesky and triangular solves, Rayleigh-Ritz's eigh, other) under torch.profiler.
 
     python benchmarks/bench_optim.py --cache DIR [--only 1b] [--methods adamw,galore,...] [--steps 250]
         [--out-dir $OUT] [--call NAME] [--dense-tok-s X]
@@ -33,6 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loop import bare  # noqa: E402
 from harness import case_main, result_line, run_cases, write_results  # noqa: E402
+
+from lowrank_train.projectors.galore import BATCH_BYTES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP_GIB = 24.0
@@ -168,6 +172,52 @@ def refresh_timing(case: dict) -> dict:
         out["exact_s"] += exact_s * count
         out["fast_cold_s"] += cold_s * count
         out["fast_warm_s"] += warm_s * count
+        # the warm refresh as the optimizer runs it: same-shape matrices in one batched call
+        batch = max(1, min(count, BATCH_BYTES // (4 * m * n)))
+        grads = torch.stack([g2] * batch)
+        starts = torch.stack([previous] * batch)
+        stages = stage_seconds(subspace.svd_basis, grads, side, r, "fast", starts, [gen] * batch)
+        calls = -(-count // batch)
+        for family, seconds in stages.items():
+            key = f"warm_batched_{family}_s"
+            out[key] = out.get(key, 0.0) + seconds * calls
+    return out
+
+
+STAGES = [  # op-name fragments of the finders' parts, first match wins
+    ("eigh", ("eigh",)),
+    ("cholesky", ("cholesky",)),
+    ("triangular_solve", ("solve_triangular", "trsm")),
+    ("householder_qr", ("linalg_qr", "geqrf", "orgqr")),
+    ("products", ("aten::mm", "aten::bmm", "aten::matmul")),
+]
+
+
+def stage_seconds(fn, *args) -> dict[str, float]:
+    """Seconds of one call of `fn` (after a warm-up call) by the finders' parts: each ATen
+    op's own time in a profiled call (device time on CUDA, CPU time elsewhere) summed into
+    STAGES' families, the rest as "other"; "total" is an unprofiled call's wall time."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    fn(*args)
+    sync()
+    start = time.perf_counter()
+    fn(*args)
+    sync()
+    out = {"total": time.perf_counter() - start}  # unprofiled: the profiler's start costs seconds
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn(*args)
+        sync()
+    for event in prof.key_averages():
+        name = event.key
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if not name.startswith("aten::") or us <= 0:
+            continue
+        family = next((label for label, parts in STAGES if any(p in name for p in parts)), "other")
+        out[family] = out.get(family, 0.0) + us / 1e6
     return out
 
 

@@ -306,3 +306,21 @@ def test_bench_optim_writes_each_row_as_its_case_ends(monkeypatch, tmp_path):
     rows = run("--methods", "galore", "--dense-tok-s", "59358")
     assert rows[0]["metrics"]["vs_our_dense_adamw"] == 57000 / 59358
     assert rows[0]["settings"]["dense_from"].startswith("--dense-tok-s 59358")
+
+
+def test_the_refresh_stage_split_names_the_finders_parts():
+    """bench_optim's split of a batched warm refresh (its GPU figures say which part to make
+    faster): the products, CholeskyQR's Cholesky and triangular solves and Rayleigh-Ritz's eigh
+    each get time, and the unprofiled call's wall time is the total."""
+    import bench_optim
+
+    from lowrank_train.projectors import subspace
+
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 64, 96, generator=gen)
+    previous = torch.linalg.qr(torch.randn(3, 64, 8, generator=gen))[0]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    parts = bench_optim.stage_seconds(subspace.svd_basis, grads, "left", 8, "fast", previous, gens)
+    for family in ("products", "cholesky", "triangular_solve", "eigh", "total"):
+        assert parts[family] > 0, family
+    assert "householder_qr" not in parts  # a well-conditioned batch never falls back
