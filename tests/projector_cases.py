@@ -29,6 +29,13 @@ def gradients(shape: tuple[int, int], steps: int, seed: int = 0) -> list[torch.T
     return out
 
 
+def initial_weight(shape, std: float = 0.1, seed: int = 3) -> torch.Tensor:
+    """A random float64 weight of entry std `std` (Flora's tests take 0.02: above the 1e-3
+    floor of its relative step, at an LLM weight's scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    return std * torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
 def run_projector(
     name: str,
     grads: list[torch.Tensor],

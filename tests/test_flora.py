@@ -12,6 +12,7 @@ from projector_cases import (
     assert_resume_is_bitwise,
     assert_short_run_learns,
     gradients,
+    initial_weight,
     run_projector,
 )
 
@@ -25,13 +26,6 @@ from lowrank_train.resolve import load_run
 # fp32 between steps: agreement to fp32's precision (a few ulp of 1.2e-7, through 1/sqrt(V)).
 FP32 = dict(rtol=2e-5, atol=1e-7)
 NAME = "layer.weight"  # run_projector's tensor name: the projections' seed part
-
-
-def initial_weight(shape, seed: int = 3) -> torch.Tensor:
-    """A weight of RMS ~0.02, above the 1e-3 floor of the relative step."""
-    return 0.02 * torch.randn(
-        shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    )
 
 
 def projection(d: int, r: int, index: int) -> torch.Tensor:
@@ -102,7 +96,7 @@ def flora_reference(
 def test_flora_matches_the_float64_reference_through_resamples(shape, beta1):
     """kappa 3 over 8 steps: resamples at steps 3 and 6, with decay 0.1 (before the update)."""
     grads = gradients(shape, 8)
-    w0 = initial_weight(shape)
+    w0 = initial_weight(shape, std=0.02)
     ours, opt = run_projector(
         "flora", grads, rank=4, update_gap=3, beta1=beta1, w0=w0, weight_decay=0.1
     )
@@ -127,7 +121,7 @@ def test_an_orthonormal_full_rank_projection_is_uncompressed_momentum(monkeypatc
     q = orthonormal(d, d)
     monkeypatch.setattr(Flora, "projection", lambda self, s, i, sh, dt, dev: q.to(dt))
     grads = gradients(shape, 6)
-    w0 = initial_weight(shape)
+    w0 = initial_weight(shape, std=0.02)
     ours, _ = run_projector("flora", grads, rank=d, update_gap=2, w0=w0)
     ref = flora_reference(grads, w0, d, 2, 0.9, 1e-2, compress=False)
     for a, b in zip(ours, ref, strict=True):
@@ -143,7 +137,7 @@ def test_transport_with_the_same_orthonormal_basis_is_the_identity(monkeypatch, 
     monkeypatch.setattr(Flora, "projection", lambda self, s, i, sh, dt, dev: q.to(dt))
     shape = (20, 12) if side == "right" else (12, 20)
     grads = gradients(shape, 6)
-    w0 = initial_weight(shape)
+    w0 = initial_weight(shape, std=0.02)
     resampled, _ = run_projector("flora", grads, rank=4, update_gap=2, w0=w0)
     kept, _ = run_projector("flora", grads, rank=4, update_gap=100, w0=w0)
     for a, b in zip(resampled, kept, strict=True):
@@ -196,7 +190,7 @@ def test_state_bytes_match_the_tensors_in_state():
 
 def test_8bit_momentum_tracks_the_fp32_one():
     grads = gradients((64, 48), 6)
-    w0 = initial_weight((64, 48))
+    w0 = initial_weight((64, 48), std=0.02)
     exact, _ = run_projector("flora", grads, rank=8, update_gap=3, w0=w0)
     low, opt = run_projector("flora", grads, rank=8, update_gap=3, w0=w0, state_dtype="int8")
     (state,) = opt.state.values()

@@ -12,6 +12,7 @@ from projector_cases import (
     assert_resume_is_bitwise,
     assert_short_run_learns,
     gradients,
+    initial_weight,
     run_projector,
 )
 
@@ -21,11 +22,6 @@ from lowrank_train.projectors.gradnormlorp import GradNormLoRP, direction_grad, 
 # The Adam moments run in fp32 (kernels/reference.adam_update): float64 comparisons hold to
 # fp32's precision, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
-
-
-def initial_weight(shape, seed: int = 3) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
 def loss_of(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

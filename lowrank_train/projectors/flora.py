@@ -189,13 +189,14 @@ class Flora(Projector):
             # the projections' GEMMs at u's precision; the D x r momentum's EMA in fp32
             low_u = self.down(u, basis.to(u.dtype), side).to(dtype)
             momentum = b1 * momentum + (1 - b1) * low_u
-            write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
-            # o = (1 - b1) u + b1 up(M_(t-1)), written over u (down(u) is already taken)
+            # o = (1 - b1) u + b1 up(M_(t-1)), written over u (down(u) is already taken), and
+            # before M_t is stored: an fp32 state read is the state tensor itself, not a copy
             previous, previous_basis = previous.to(u.dtype), previous_basis.to(u.dtype)
             if side == "right":
                 u.addmm_(previous, previous_basis.T, beta=1 - b1, alpha=b1)
             else:
                 u.addmm_(previous_basis, previous, beta=1 - b1, alpha=b1)
+            write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
         o = u
         k = o_.scale / torch.clamp(rms(o, dtype) / o_.clip, min=1.0)
         if o_.scale_parameter:
