@@ -45,3 +45,34 @@ def test_a_low_precision_step_follows_the_float64_one(name, shape, dtype):
     for key in ("exp_avg", "exp_avg_sq", "row", "col", "limiter_norm", "magnitude_exp_avg"):
         if key in state:
             assert state[key].dtype == torch.float32, key
+
+
+def run_directions(name: str, grads, w0, lr: float, **options):
+    """W <- W - lr D, D = the projector's `direction` (what a quantized weight's writer
+    applies), with fp32 state as the optimizer keeps it; refreshes as the optimizer asks."""
+    from lowrank_train.projectors import PROJECTORS
+
+    cls = PROJECTORS.get(name)
+    projector = cls(cls.Config(**options), seed=0)
+    hp = dict(lr=lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, state_dtype="float32")
+    w = w0.clone()
+    state = projector.init_state(w, "layer.weight")
+    for t, g in enumerate(grads, start=1):
+        if projector.needs_refresh(state, t):
+            projector.refresh(projector.refresh_input(w, g), state)
+        w = w - lr * projector.direction(w, g, state, t, hp).to(w.dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_low_precision_direction_follows_the_float64_one(name, dtype):
+    """The writers' path (int8 weights with a projector) at fp32 and bf16 gradients against
+    float64, to the same tolerances."""
+    grads = gradients((48, 32), 7)
+    w0 = initial_weight((48, 32)).to(dtype)
+    options = dict(update_gap=10, **CASES[name])
+    exact = run_directions(name, grads, w0.double(), 0.1, **options)
+    low = run_directions(name, [g.to(dtype) for g in grads], w0, 0.1, **options)
+    moved, moved_low = exact - w0.double(), low.double() - w0.double()
+    assert (moved_low - moved).norm() <= TOLERANCE[dtype] * moved.norm()
