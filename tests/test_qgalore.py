@@ -110,7 +110,7 @@ def test_int4_basis_codes_are_exact_and_one_signed_groups_keep_their_range(
     assert state["basis_codes"].numel() == math.ceil(basis.numel() / 2)  # two codes a byte
     torch.testing.assert_close(state["basis_codes"], codes, atol=0, rtol=0)
     torch.testing.assert_close(state["basis_scales"].double(), scales, rtol=1.2e-7, atol=0)  # 2^-23
-    used = QGaLore(QGaLore.Config(rank=rank)).basis(state, torch.float64)
+    used = QGaLore(QGaLore.Config(rank=rank)).basis_of(state, torch.float64)
     torch.testing.assert_close(used, deq, rtol=2.5e-7, atol=0)  # scale and product rounded
     first = slice(0, min(256, basis.numel()))
     error = (used.reshape(-1)[first] - basis.reshape(-1)[first]).abs().max()

@@ -335,12 +335,12 @@ class LowRankAdam(Projector):
 
     def down(self, grad: Tensor, state: State) -> Tensor:
         """R = G B (right) or B^T G (left), at the gradient's precision."""
-        basis = state["basis"]
+        basis = self.basis_of(state, grad.dtype)
         return grad @ basis if state["side"] == "right" else basis.T @ grad
 
     def back(self, low: Tensor, state: State) -> Tensor:
         """The full-shape image of a low-rank tensor: X B^T (right) or B X (left)."""
-        basis = state["basis"]
+        basis = self.basis_of(state, low.dtype)
         low = low.to(basis.dtype)
         return low @ basis.T if state["side"] == "right" else basis @ low
 

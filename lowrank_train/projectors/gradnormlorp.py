@@ -61,16 +61,18 @@ def row_norms(v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=dtype).clamp_min(NORM_FLOOR)
 
 
-def magnitude_grad(grad: Tensor, v: Tensor) -> Tensor:
-    """dL/dg_i = <G_i, v_i> / ||v_i||, (m, 1), accumulated in fp32 at least."""
+def magnitude_grad(grad: Tensor, v: Tensor, norms: Tensor | None = None) -> Tensor:
+    """dL/dg_i = <G_i, v_i> / ||v_i||, (m, 1), accumulated in fp32 at least (`norms`: the
+    rows' norms when the caller has them)."""
     dtype = work_dtype(grad)
-    return (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / row_norms(v, dtype)
+    norms = row_norms(v, dtype) if norms is None else norms
+    return (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / norms
 
 
 def direction_grad(grad: Tensor, v: Tensor, g: Tensor) -> Tensor:
     """dL/dv_i = (g_i / ||v_i||) (G_i - (dL/dg_i) v_i / ||v_i||), (m, n)."""
     norms = row_norms(v, work_dtype(grad))
-    return (g / norms) * torch.addcmul(grad, v, -magnitude_grad(grad, v) / norms)
+    return (g / norms) * torch.addcmul(grad, v, -magnitude_grad(grad, v, norms) / norms)
 
 
 def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -78,9 +80,8 @@ def split(grad: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     in one pass at the gradient's precision, the row sums in fp32. A zero row has no direction
     to normalize: dL/dg is 0 there, so it takes the plain gradient (and is not renormalized,
     so a zero-initialized tensor trains)."""
-    dtype = work_dtype(grad)
-    g = row_norms(v, dtype)
-    grad_g = (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / g
+    g = row_norms(v, work_dtype(grad))
+    grad_g = magnitude_grad(grad, v, g)
     grad_v = torch.addcmul(grad, v, (-grad_g / g).to(grad.dtype))
     return g, grad_g, grad_v, g <= NORM_FLOOR
 

@@ -103,16 +103,13 @@ class QGaLore(SVDProjector):
         """At every multiple of the tensor's current gap: steps 1, gap+1, ... (1-based)."""
         return (step - 1) % state["gap"] == 0
 
-    def basis(self, state: State, dtype: torch.dtype) -> Tensor:
-        """The dequantized (d, r) basis, in `dtype`."""
+    def basis_of(self, state: State, dtype: torch.dtype) -> Tensor:
+        """The dequantized (d, r) basis, in `dtype` (every projection and update reads it)."""
         shape = (state["basis_rows"], self.options.rank)
         return dequantize_basis(state["basis_codes"], state["basis_scales"], shape, dtype)
 
-    def basis_of(self, state: State, dtype: torch.dtype) -> Tensor:
-        return self.basis(state, dtype)
-
     def previous_basis(self, state: State) -> Tensor | None:
-        return self.basis(state, torch.float32) if "basis_codes" in state else None
+        return self.basis_of(state, torch.float32) if "basis_codes" in state else None
 
     def install(self, new: Tensor, state: State, dtype: torch.dtype) -> None:
         """Quantize the (finite) new basis to INT4 and update the lazy gap from its leading
@@ -129,7 +126,7 @@ class QGaLore(SVDProjector):
         state["basis_codes"], state["basis_scales"] = codes, scales
         state["basis_rows"] = new.shape[0]
         if old is not None and "exp_avg" in state:
-            self.carry_moments(state, old, self.basis(state, torch.float32))
+            self.carry_moments(state, old, self.basis_of(state, torch.float32))
         state["refreshes"] += 1
 
     def update_gap(self, state: State, cos: Tensor) -> None:
@@ -141,14 +138,6 @@ class QGaLore(SVDProjector):
         state["queue_count"] = min(state["queue_count"] + 1, o.queue_size)
         if state["queue_count"] == o.queue_size and state["queue"].mean().item() >= o.cos_threshold:
             state["gap"] *= o.gap_growth
-
-    def down(self, grad: Tensor, state: State) -> Tensor:
-        basis = self.basis(state, grad.dtype)
-        return grad @ basis if state["side"] == "right" else basis.T @ grad
-
-    def back(self, low: Tensor, state: State) -> Tensor:
-        basis = self.basis(state, low.dtype)
-        return low @ basis.T if state["side"] == "right" else basis @ low
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r in state_dtype + INT4 codes (d r / 2 bytes, rounded up) + an fp32
