@@ -39,6 +39,41 @@ def family(name: str) -> str:
     return next((label for label, pattern in FAMILIES if pattern.search(name)), "ATen other")
 
 
+def host_phases(trainer, clip: float, steps: int, sync) -> dict[str, float]:
+    """Host seconds per step in each phase of `Trainer.step`, without syncs (the GPU runs
+    behind): a step whose host phases sum to more than its GPU time is host-bound, and the
+    phase that costs most is the one to cut. "wall" is the step's time with a sync after it."""
+    phases = {
+        "forward_backward": (trainer, "forward_backward"),
+        "clip": (trainer.optimizer, "clip_grad_norm_"),
+        "optimizer_step": (trainer.optimizer, "step"),
+        "zero_grad": (trainer.optimizer, "zero_grad"),
+    }
+    spent = dict.fromkeys(phases, 0.0)
+    originals = {}
+    for label, (owner, attr) in phases.items():
+        fn = originals[label] = getattr(owner, attr)
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            start = time.perf_counter()
+            out = _fn(*a, **k)
+            spent[_label] += time.perf_counter() - start
+            return out
+
+        setattr(owner, attr, timed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(clip)
+    sync()
+    wall = time.perf_counter() - start
+    for owner, attr in phases.values():
+        delattr(owner, attr)  # the instance attribute goes: the class's method shows again
+    out = {label: seconds / steps for label, seconds in spent.items()}
+    out["other"] = wall / steps - sum(out.values())
+    out["wall"] = wall / steps
+    return out
+
+
 def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
     import torch
     from torch.profiler import ProfilerActivity
@@ -57,6 +92,7 @@ def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
     for _ in range(warm):
         trainer.step(clip)
     sync()
+    host = host_phases(trainer, clip, steps, sync)
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
@@ -88,6 +124,8 @@ def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
     ]
     for label, seconds in sorted(by_family.items(), key=lambda kv: -kv[1]):
         lines.append(f"{label:<26} {seconds * 1e3:8.1f}  {seconds / gpu:6.1%}")
+    lines += ["", "host time by phase (no syncs; wall has one at the end)      ms/step"]
+    lines += [f"{label:<60} {seconds * 1e3:8.2f}" for label, seconds in host.items()]
     lines += [
         "",
         "top kernels                                                   ms/step  calls/step",
@@ -107,6 +145,7 @@ def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
         "gpu_kernel_ms": round(gpu * 1e3, 1),
         "gpu_busy": round(gpu / wall, 3),
         "family_ms": {k: round(v * 1e3, 1) for k, v in by_family.items()},
+        "host_phase_ms": {k: round(v * 1e3, 2) for k, v in host.items()},
     }
     return "\n".join(lines), metrics
 
