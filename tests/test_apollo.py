@@ -21,7 +21,7 @@ from projector_cases import (
 
 from lowrank_train.cli import main
 from lowrank_train.optim.projected import ProjectedOptimizer
-from lowrank_train.projectors import PROJECTORS, apollo
+from lowrank_train.projectors import PROJECTORS, base
 from lowrank_train.projectors.apollo import Apollo
 from lowrank_train.projectors.subspace import gaussian_basis
 
@@ -253,14 +253,10 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(shapes)]
     opts = dict(CASES[method], update_gap=3, decay_on=decay_on)
     if runs_of_two:  # the low-rank budget of a batched run fits two of these tensors
-        monkeypatch.setattr(apollo, "BATCH_LOW_RANK_BYTES", 2 * (2 * 4 * 24 * opts["rank"]) + 1)
-        runs = [
-            len(r)
-            for r in PROJECTORS.get(method)(PROJECTORS.get(method).Config(**opts)).chunks(
-                [(None, torch.zeros(shape), None, 1) for shape in shapes]
-            )
-        ]
-        assert runs == [2, 1]
+        monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * (16 * 24 * opts["rank"]) + 1)
+        same = [(None, torch.zeros(24, 16), {"side": "right"}, 1)] * 3
+        projector = PROJECTORS.get(method)(PROJECTORS.get(method).Config(**opts))
+        assert [len(r) for r in projector.low_rank_runs(same)] == [2, 1]
 
     def optimizer(params, names):
         cls = PROJECTORS.get(method)

@@ -56,27 +56,6 @@ if TYPE_CHECKING:
     from lowrank_train.config import RunConfig
 
 
-BATCH_LOW_RANK_BYTES = 64 * 2**20  # N and R a batched step keeps at once (fp32)
-
-
-def bias_corrections(values: list[float], dtype: torch.dtype, device) -> float | Tensor:
-    """The tensors' c_t as one Python number when they agree (the usual case), else a (b,)
-    tensor filled on the device: a list copied from the host would wait for the stream. Both
-    multiply a tensor alike (the number is cast to its dtype), so a tensor's update does not
-    depend on whether its group agrees."""
-    if all(v == values[0] for v in values):
-        return values[0]
-    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
-
-
-def channel_scaled_norm(grad: Tensor, s: Tensor, side: str) -> Tensor:
-    """||s G||_F for channel scales s ((m, 1) on the right, (1, n) on the left) from G's channel
-    norms, accumulated in s's dtype: no m x n product is formed."""
-    dim = 1 if side == "right" else 0
-    channels = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=s.dtype)
-    return torch.linalg.vector_norm(s * channels)
-
-
 @PROJECTORS.register
 class Apollo(LowRankAdam):
     """The raw gradient rescaled per channel by Adam's norm ratio on a random rank-r projection."""
@@ -111,9 +90,9 @@ class Apollo(LowRankAdam):
         rank = self.options.rank
         return gaussian_basis(d, rank, self.seed, state["name"], state["refreshes"], grad.device)
 
-    def scales(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        """s_i = ||N_i|| / (||R_i|| + 1e-8), shaped (m, 1) on the right and (1, n) on the left."""
-        side, dtype = state["side"], scale_dtype(grad)
+    def scales(self, low_update: Tensor, low_grad: Tensor, side: str, dtype) -> Tensor:
+        """s_i = ||N_i|| / (||R_i|| + 1e-8) of a run's stacked N and R: (b, m, 1) on the right,
+        (b, 1, n) on the left."""
         return channel_norms(low_update, side, dtype) / (
             channel_norms(low_grad, side, dtype) + RATIO_EPS
         )
@@ -127,68 +106,49 @@ class Apollo(LowRankAdam):
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
         """W <- W - lr k G for a group's tensors (`coefficients`), one addcmul_ each."""
-        for chunk in self.chunks(items):
-            params = [p for p, _, _, _ in chunk]
-            grads = [g.to(p.dtype) for (p, g, _, _) in chunk]
-            ks = self.coefficients(chunk, hp, [p.dtype for p in params])
+        for run in self.low_rank_runs(items):
+            params = [p for p, _, _, _ in run]
+            grads = [g.to(p.dtype) for (p, g, _, _) in run]
+            ks = self.coefficients(run, hp, [p.dtype for p in params])
             self.decay_many_(params, hp, before_update=True)
             torch._foreach_addcmul_(params, grads, ks, value=-hp["lr"])
             self.decay_many_(params, hp, before_update=False)
 
     def directions(self, items, hp: dict) -> Iterator[Tensor]:
-        """k G for each writer's tensor, one at a time (`coefficients` per chunk first)."""
-        for chunk in self.chunks(items):
-            ks = self.coefficients(chunk, hp, [g.dtype for _, g, _, _ in chunk])
-            for (_, grad, _, _), k in zip(chunk, ks, strict=True):
-                yield grad * k
-
-    def chunks(self, items: list) -> Iterator[list]:
-        """The items in runs whose N and R (2 fp32 D x r each, alive together in `coefficients`)
-        stay within BATCH_LOW_RANK_BYTES: APOLLO-Mini's whole group is one run, APOLLO r256
-        at 1B a few tensors (a group's would be 1.9 GB beside the model)."""
-        run, size = [], 0
-        for item in items:
-            nbytes = 2 * 4 * max(item[1].shape) * self.options.rank
-            if run and size + nbytes > BATCH_LOW_RANK_BYTES:
-                yield run
-                run, size = [], 0
-            run.append(item)
-            size += nbytes
-        if run:
-            yield run
+        """k G for each writer's tensor in the items' order, one at a time (every run's small
+        `coefficients` first: the runs group the items by shape)."""
+        ks: dict[int, Tensor] = {}
+        for run in self.low_rank_runs(items):
+            dtypes = [g.dtype for _, g, _, _ in run]
+            for (_, _, state, _), k in zip(run, self.coefficients(run, hp, dtypes), strict=True):
+                ks[id(state)] = k
+        for _, grad, state, _ in items:
+            yield grad * ks.pop(id(state))
 
     def coefficients(self, items, hp: dict, dtypes: list[torch.dtype]) -> list[Tensor]:
-        """k_i with c_t alpha U_i = k_i G_i, for each (weight, grad, state, step) of a group, the
-        step's small ops batched across them. Per tensor remain R = down(G), the Adam kernel
-        and its scales (APOLLO); the limiter reads ||s G||_F from ||G|| and the scales
-        (s ||G||_F for APOLLO-Mini, sqrt(sum_i s_i^2 ||G_i||^2) per channel) and runs once on
-        the group's stacked norms, and APOLLO-Mini's norms are multi-tensor kernels. The same
-        update as the per-tensor form up to rounding (the norm is of G in fp32, not of the
-        rounded s G). `dtypes`: each k's dtype (the tensor it multiplies)."""
+        """k_i with c_t alpha U_i = k_i G_i, for each (weight, grad, state, step) of a run
+        (`low_rank_runs`), the step's small ops batched across it: the Adam step on the stacked
+        R (`moments_step_many`), the scales on the stacked N and R, and the limiter, which reads
+        ||s G||_F from G's channel norms and the scales (s ||G||_F for APOLLO-Mini, sqrt(sum_i
+        s_i^2 ||G_i||^2) per channel), once on the run's norms. Per tensor remain R = down(G)
+        and G's norms. The same update as the per-tensor form up to rounding (the norm is of G
+        in fp32, not of the rounded s G). `dtypes`: each k's dtype (the tensor it multiplies)."""
         grads = [g for _, g, _, _ in items]
         states = [s for _, _, s, _ in items]
-        steps = [self.moments_step(g, s, hp) for g, s in zip(grads, states, strict=True)]
-        dtype = scale_dtype(grads[0])
-        corrections = bias_corrections([c for _, _, c in steps], dtype, grads[0].device)
+        low_update, low_grad, correction = self.moments_step_many(grads, states, hp)
+        side, dtype = states[0]["side"], scale_dtype(grads[0])
+        scales = self.scales(low_update, low_grad, side, dtype)  # (b, m, 1), (b, 1, n), (b, 1, 1)
         if self.tensor_wise:
-            n_norms = torch._foreach_norm([n for n, _, _ in steps], 2, dtype=dtype)
-            r_norms = torch._foreach_norm([r for _, r, _ in steps], 2, dtype=dtype)
-            s = torch.stack(n_norms) / (torch.stack(r_norms) + RATIO_EPS)
-            norms = s * torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
-            factors = limiter_factors(norms, states, self.options.gamma)
-            return list((s * (self.options.scale / factors * corrections)).unbind())
-        scales = [
-            self.scales(n, r, g, st) for (n, r, _), g, st in zip(steps, grads, states, strict=True)
-        ]
-        norms = torch.stack(
-            [
-                channel_scaled_norm(g, sc, st["side"])
-                for g, sc, st in zip(grads, scales, states, strict=True)
-            ]
-        )
+            g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))[:, None, None]
+        else:
+            dim = 1 if side == "right" else 0
+            g_norms = torch.stack(
+                [torch.linalg.vector_norm(g, dim=dim, keepdim=True, dtype=dtype) for g in grads]
+            )
+        norms = torch.linalg.vector_norm(scales * g_norms, dim=(-2, -1))
         factors = limiter_factors(norms, states, self.options.gamma)
-        coef = (self.options.scale / factors * corrections).unbind()
-        return [(sc * c).to(d) for sc, c, d in zip(scales, coef, dtypes, strict=True)]
+        coef = (scales * (self.options.scale * correction / factors)[:, None, None]).unbind(0)
+        return [c.to(d) for c, d in zip(coef, dtypes, strict=True)]
 
     def direction(self, param, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """k G, through `directions` (one tensor's group)."""
@@ -222,7 +182,8 @@ class ApolloMini(Apollo):
             )
         super().validate(cfg)
 
-    def scales(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
-        """s = ||N||_F / (||R||_F + 1e-8), one 0-d scale for the whole matrix."""
-        dtype = scale_dtype(grad)
-        return low_update.to(dtype).norm() / (low_grad.to(dtype).norm() + RATIO_EPS)
+    def scales(self, low_update: Tensor, low_grad: Tensor, side: str, dtype) -> Tensor:
+        """s = ||N||_F / (||R||_F + 1e-8), one scale a matrix of the run: (b, 1, 1)."""
+        n = torch.linalg.vector_norm(low_update, dim=(-2, -1), keepdim=True, dtype=dtype)
+        r = torch.linalg.vector_norm(low_grad, dim=(-2, -1), keepdim=True, dtype=dtype)
+        return n / (r + RATIO_EPS)

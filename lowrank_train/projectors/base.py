@@ -174,6 +174,7 @@ def projectable_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
 
 MOMENT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_BLOCK = 256  # block of the 8-bit moments (bitsandbytes' optimizer block)
+BATCH_LOW_RANK_BYTES = 256 * 2**20  # stacked fp32 low-rank tensors of one batched run
 
 
 def moment_bytes(numel: int, state_dtype: str) -> int:
@@ -379,23 +380,60 @@ class LowRankAdam(Projector):
         low_grad: Tensor | None = None,
     ) -> None:
         """`low_grad`: R when it was summed over micro-batches in the projected space (then G is
-        the last micro-batch's, read only by projectors that do not accumulate projected)."""
+        the last micro-batch's, read only by projectors that do not accumulate projected). The
+        same arithmetic as `update_many_` gives the tensor in a run."""
         low_update, low_grad, correction = self.moments_step(grad, state, hp, low_grad)
         self.decay_(param, hp, before_update=True)
-        self.add_up_(param, low_update, low_grad, grad, state, -hp["lr"] * correction)
+        self.add_up_many_(
+            [param], low_update[None], low_grad[None], [grad], [state], -hp["lr"] * correction
+        )
         self.decay_(param, hp, before_update=False)
 
-    def add_up_(
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """`update_` of a group's tensors, run by run (`low_rank_runs`): the Adam step of a run
+        is one kernel on its stacked R (`moments_step_many`), the decay multi-tensor, and the
+        projector's `add_up_many_` sees the whole run; each tensor gets what `update_` gives it
+        alone, bit for bit (tests/test_batched_steps.py). A whole-model step at 1B is op
+        dispatch, not arithmetic: this is what keeps the host ahead of the GPU."""
+        for run in self.low_rank_runs(items):
+            params = [p for p, _, _, _ in run]
+            grads = [g for _, g, _, _ in run]
+            states = [s for _, _, s, _ in run]
+            low_update, low_grad, correction = self.moments_step_many(grads, states, hp)
+            self.decay_many_(params, hp, before_update=True)
+            self.add_up_many_(params, low_update, low_grad, grads, states, -hp["lr"] * correction)
+            self.decay_many_(params, hp, before_update=False)
+
+    def add_up_many_(
         self,
-        param: Tensor,
+        params: list[Tensor],
         low_update: Tensor,
         low_grad: Tensor,
-        grad: Tensor,
-        state: State,
+        grads: list[Tensor],
+        states: list[State],
         alpha: float,
     ) -> None:
-        """W += alpha * up(N, R, G) (GaLore overrides it with one accumulating GEMM)."""
-        param.add_(self.up(low_update, low_grad, grad, state).to(param.dtype), alpha=alpha)
+        """W_i += alpha * up(N_i, R_i, G_i) for a run (N, R stacked (b, ...)); GaLore overrides
+        it with one accumulating GEMM a tensor, Fira batches its residual's scales."""
+        for param, n, r, grad, state in zip(
+            params, low_update.unbind(0), low_grad.unbind(0), grads, states, strict=True
+        ):
+            param.add_(self.up(n, r, grad, state).to(param.dtype), alpha=alpha)
+
+    def low_rank_runs(self, items: list[tuple]) -> Iterator[list[tuple]]:
+        """The items ((weight, grad, state, step) tuples) in runs that `moments_step_many` can
+        stack: one gradient shape, dtype and side, one moment step (so one c_t), in order of
+        first appearance, each within BATCH_LOW_RANK_BYTES of stacked fp32 low-rank tensors
+        (R, N and the two moments: 16 D r bytes an item)."""
+        groups: dict[tuple, list[tuple]] = {}
+        for item in items:
+            grad, state = item[1], item[2]
+            key = (tuple(grad.shape), grad.dtype, state["side"], state.get("moment_step", 0))
+            groups.setdefault(key, []).append(item)
+        for (shape, *_), group in groups.items():
+            size = max(1, BATCH_LOW_RANK_BYTES // (16 * max(shape) * self.options.rank))
+            for start in range(0, len(group), size):
+                yield group[start : start + size]
 
     def moments_step(
         self, grad: Tensor, state: State, hp: dict, low_grad: Tensor | None = None
@@ -403,24 +441,57 @@ class LowRankAdam(Projector):
         """(N, R, c_t): the Adam step on R = down(G) (or the given R), moments updated in place."""
         if low_grad is None:
             low_grad = self.down(grad, state)
+        self.ensure_moments(state, low_grad, hp)
+        return self.adam(low_grad, state, hp), low_grad, self.advance(state, hp)
+
+    def moments_step_many(
+        self, grads: list[Tensor], states: list[State], hp: dict
+    ) -> tuple[Tensor, Tensor, float]:
+        """`moments_step` of one run (`low_rank_runs`): N and R stacked (b, ...), and the run's
+        c_t. The Adam kernel is elementwise, so each N_i is what `moments_step` gives the
+        tensor alone, bit for bit: one launch on the stacked moments (and a stack and a
+        multi-tensor copy back) instead of b launches."""
+        low_grad = torch.stack([self.down(g, s) for g, s in zip(grads, states, strict=True)])
+        for state, low in zip(states, low_grad.unbind(0), strict=True):
+            self.ensure_moments(state, low, hp)
+        if "exp_avg_absmax" in states[0]:  # 8-bit blocks would straddle two tensors stacked
+            parts = [self.adam(r, s, hp) for r, s in zip(low_grad.unbind(0), states, strict=True)]
+            low_update = torch.stack(parts)
+        else:
+            keys = ("exp_avg", "exp_avg_sq")
+            stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
+            low_update = self.adam(low_grad, stacked, hp)
+            for k in keys:
+                torch._foreach_copy_([s[k] for s in states], list(stacked[k].unbind(0)))
+        corrections = {self.advance(s, hp) for s in states}  # one value: the runs' key
+        return low_update, low_grad, corrections.pop()
+
+    def ensure_moments(self, state: State, low_grad: Tensor, hp: dict) -> None:
         if "exp_avg" not in state:
             self.init_moments(state, low_grad.shape, low_grad.device, hp["state_dtype"])
+
+    def adam(self, low_grad: Tensor, moments: State, hp: dict) -> Tensor:
+        """N = M / (sqrt(V) + eps) after the moments' update in place (`moments` holds exp_avg,
+        exp_avg_sq and, 8-bit, their absmax)."""
         beta1, beta2 = hp["betas"]
-        quantized = "exp_avg_absmax" in state
-        low_update = kernels.adam_update(
+        return kernels.adam_update(
             low_grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
+            moments["exp_avg"],
+            moments["exp_avg_sq"],
             beta1=beta1,
             beta2=beta2,
             eps=hp["eps"],
-            exp_avg_absmax=state.get("exp_avg_absmax") if quantized else None,
-            exp_avg_sq_absmax=state.get("exp_avg_sq_absmax") if quantized else None,
+            exp_avg_absmax=moments.get("exp_avg_absmax"),
+            exp_avg_sq_absmax=moments.get("exp_avg_sq_absmax"),
             block_size=QUANT_BLOCK,
         )
+
+    def advance(self, state: State, hp: dict) -> float:
+        """Count the moments' step; its bias correction c_t = sqrt(1 - b2^t) / (1 - b1^t)."""
         state["moment_step"] += 1
         t = state["moment_step"]
-        return low_update, low_grad, (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+        beta1, beta2 = hp["betas"]
+        return (1 - beta2**t) ** 0.5 / (1 - beta1**t)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of D x r in state_dtype + the d x r basis in the parameter's dtype."""
@@ -453,6 +524,11 @@ class FullAdam(LowRankAdam):
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         return low_update
+
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """One tensor at a time: R is G itself, and stacking would copy full-size gradients."""
+        for param, grad, state, step in items:
+            self.update_(param, grad, state, step, hp)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """2 moments of m x n in state_dtype."""

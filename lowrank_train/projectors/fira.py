@@ -17,7 +17,8 @@ and G~ = alpha (back(N) + S), i.e. a_s = alpha. The two differ whenever alpha !=
 The limiter's previous norm is `state["limiter_norm"]` (0-d fp32; the first step only records
 it, as the code); neither it nor the moments are touched at a refresh. N is the moment ratio
 before bias correction (the code's); phi is a ratio, so c_t scales S and the projected part
-alike. The residual is one m x n temporary each step, at the gradient's precision.
+alike. The residual is an m x n temporary of each tensor of a batched run (bounded by the
+run's budget, `low_rank_runs`), at the gradient's precision.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
-from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limiter_factor
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limiter_factors
 from lowrank_train.projectors.galore import SVDProjector
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
     """||X_i|| over the D channels of a low-rank tensor, shaped to broadcast over the m x n
     gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
-    the left."""
-    return low.to(dtype).norm(dim=1 if side == "right" else 0, keepdim=True)
+    the left; a stack of them (b, ...) gives (b, m, 1) or (b, 1, n)."""
+    return low.to(dtype).norm(dim=-1 if side == "right" else -2, keepdim=True)
 
 
 def scale_dtype(grad: Tensor) -> torch.dtype:
@@ -89,34 +90,44 @@ class Fira(SVDProjector):
         alpha = self.options.scale
         return (1.0, alpha) if self.options.alpha_placement == "paper" else (alpha, 1.0)
 
-    def limited_residual(
-        self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State
-    ) -> Tensor:
-        """S after the limiter, diag(phi) (G - a_r back(R)) / factor, in G's dtype: the one
-        m x n temporary, formed by one GEMM onto G and scaled in place (no other full pass
-        than its norm's)."""
-        side, dtype = state["side"], scale_dtype(grad)
+    def limited_residuals(
+        self, low_update: Tensor, low_grad: Tensor, grads: list[Tensor], states: list[State]
+    ) -> list[Tensor]:
+        """S_i after the limiter, diag(phi_i) (G_i - a_r back(R_i)) / factor_i, in G's dtype, for
+        a run (N, R stacked (b, ...)): per tensor one GEMM onto G_i; the channel scales, the
+        norms and the limiter batched across the run (multi-tensor kernels)."""
+        side, dtype = states[0]["side"], scale_dtype(grads[0])
         phi = channel_norms(low_update, side, dtype) / (
             channel_norms(low_grad, side, dtype) + RATIO_EPS
         )
         a_r, _ = self.placement()
-        residual = self.add_back(grad, low_grad, state, -a_r).mul_(phi.to(grad.dtype))
-        norm = torch.linalg.vector_norm(residual, dtype=dtype)
-        return residual.div_(limiter_factor(norm, state, self.options.gamma).to(grad.dtype))
+        residuals = [
+            self.add_back(g, r, s, -a_r)
+            for g, r, s in zip(grads, low_grad.unbind(0), states, strict=True)
+        ]
+        torch._foreach_mul_(residuals, list(phi.to(grads[0].dtype).unbind(0)))
+        norms = torch.stack(torch._foreach_norm(residuals, 2, dtype=dtype))
+        factors = limiter_factors(norms, states, self.options.gamma)
+        torch._foreach_div_(residuals, list(factors.to(grads[0].dtype).unbind(0)))
+        return residuals
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         """a_s S + alpha back(N) (the paper: alpha (back(N) + S)), onto S by one GEMM."""
         _, a_s = self.placement()
-        limited = self.limited_residual(low_update, low_grad, grad, state)
+        [limited] = self.limited_residuals(low_update[None], low_grad[None], [grad], [state])
         if a_s != 1.0:
             limited.mul_(a_s)
         return self.add_back(limited, low_update, state, self.options.scale, inplace=True)
 
-    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha (a_s S + scale back(N)): S added in one pass, back(N) by one GEMM into W."""
+    def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
+        """W_i += alpha (a_s S_i + scale back(N_i)): the run's S added by one multi-tensor add,
+        back(N_i) by one GEMM into W_i."""
         _, a_s = self.placement()
-        param.add_(self.limited_residual(low_update, low_grad, grad, state), alpha=alpha * a_s)
-        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
+        limited = self.limited_residuals(low_update, low_grad, grads, states)
+        torch._foreach_add_(params, limited, alpha=alpha * a_s)
+        del limited
+        for param, n, state in zip(params, low_update.unbind(0), states, strict=True):
+            self.add_back(param, n, state, alpha * self.options.scale, inplace=True)
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """GaLore's 2 moments of D x r and the d x r basis, plus the limiter's fp32 norm."""

@@ -27,10 +27,11 @@ BATCH_BYTES = 2**28  # fp32 input of one batched finder call (256 MiB; temporari
 class SVDProjector(LowRankAdam):
     """A LowRankAdam whose basis is the gradient's top-r singular vectors (GaLore, Fira, Q-GaLore)."""
 
-    def add_up_(self, param, low_update, low_grad, grad, state, alpha) -> None:
-        """W += alpha * scale * back(N) as one GEMM accumulating into W: no full-size direction
-        is formed, scaled or read again (the step's largest memory traffic)."""
-        self.add_back(param, low_update, state, alpha * self.options.scale, inplace=True)
+    def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
+        """W_i += alpha * scale * back(N_i) as one GEMM accumulating into W_i: no full-size
+        direction is formed, scaled or read again (the step's largest memory traffic)."""
+        for param, n, state in zip(params, low_update.unbind(0), states, strict=True):
+            self.add_back(param, n, state, alpha * self.options.scale, inplace=True)
 
     def new_basis(self, grad: Tensor, state: State) -> Tensor:
         gen = generator(self.seed, state["name"], "refresh", state["refreshes"])

@@ -146,6 +146,11 @@ class GradNormLoRP(SVDProjector):
         param.copy_(w_new)
         self.decay_(param, hp, before_update=False)
 
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """One tensor at a time (`update_`): its step is not GaLore's update of W."""
+        for param, grad, state, step in items:
+            self.update_(param, grad, state, step, hp)
+
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """LowRankAdam's (2 D r moments + the d r basis) + the magnitude's 2 fp32 m-vectors."""
         return super().state_bytes(shape, state_dtype, param_bytes) + 2 * 4 * shape[0]
