@@ -1,4 +1,4 @@
-"""The padded GEMM of the parameterizations' custom ops (`parameterizations/gemm.py`): with
+"""The padded GEMMs of the custom ops and the optimizer step (`lowrank_train/gemm.py`): with
 padding forced (the CUDA path) it is the plain product of the unpadded operands, for aligned
 and misaligned sizes, row-major and transposed operands, and contiguous."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_train.parameterizations import gemm
+from lowrank_train import gemm
 
 
 @pytest.mark.parametrize("m, k, n", [(16, 24, 40), (13, 21, 40), (16, 24, 37), (5, 21, 37)])
@@ -29,3 +29,18 @@ def test_linear_and_matmul_flatten_the_leading_dimensions():
     torch.testing.assert_close(gemm.linear(x, w, pad=True), x @ w.T, rtol=1e-5, atol=1e-5)
     g = torch.randn(2, 3, 37, generator=gen)
     torch.testing.assert_close(gemm.matmul(g, w, pad=True), g @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("m, k, n", [(16, 24, 40), (16, 24, 37), (13, 21, 37)])
+def test_padded_addmm_equals_torch_addmm(m, k, n, inplace):
+    """base + alpha a b, padded (a misaligned base or operand) or not, in place or not."""
+    gen = torch.Generator().manual_seed(m + k + n)
+    base, a = torch.randn(m, n, generator=gen), torch.randn(m, k, generator=gen)
+    b = torch.randn(k, n, generator=gen)
+    expected = torch.addmm(base.double(), a.double(), b.double(), alpha=-0.3).float()
+    target = base.clone()
+    out = gemm.addmm(target, a, b, -0.3, inplace=inplace, pad=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (out is target) == inplace
+    assert inplace or torch.equal(target, base)

@@ -29,9 +29,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lowrank_train import gemm
 from lowrank_train.config import knob
 from lowrank_train.kernels import ops as kernels
-from lowrank_train.parameterizations import gemm
 from lowrank_train.parameterizations.base import storage_allocated
 
 FORMATS = ("int8", "int4", "nf4")

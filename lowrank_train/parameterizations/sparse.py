@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowrank_train.parameterizations import gemm
+from lowrank_train import gemm
 
 INDEX_DTYPE = torch.int32
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from lowrank_train import gemm
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
 from lowrank_train.kernels import ops as kernels
@@ -335,9 +336,10 @@ class LowRankAdam(Projector):
     # -- the step ----------------------------------------------------------------------------
 
     def down(self, grad: Tensor, state: State) -> Tensor:
-        """R = G B (right) or B^T G (left), at the gradient's precision."""
+        """R = G B (right) or B^T G (left), at the gradient's precision (padded on CUDA where G's
+        rows are misaligned: `gemm.mm`)."""
         basis = self.basis_of(state, grad.dtype)
-        return grad @ basis if state["side"] == "right" else basis.T @ grad
+        return gemm.mm(grad, basis) if state["side"] == "right" else gemm.mm(basis.T, grad)
 
     def back(self, low: Tensor, state: State) -> Tensor:
         """The full-shape image of a low-rank tensor: X B^T (right) or B X (left)."""
@@ -354,12 +356,13 @@ class LowRankAdam(Projector):
         self, base: Tensor, low: Tensor, state: State, alpha: float, inplace: bool = False
     ) -> Tensor:
         """base + alpha * back(low) by one GEMM accumulating onto base (addmm; in place when
-        asked): no full-size image of low is formed, scaled or read again. The basis is taken
+        asked): no full-size image of low is formed, scaled or read again (on CUDA, a
+        misaligned base takes a padded product and one add: `gemm.addmm`). The basis is taken
         in base's dtype (`basis_of`)."""
         basis = self.basis_of(state, base.dtype)
         low = low.to(basis.dtype)
         a, b = (low, basis.T) if state["side"] == "right" else (basis, low)
-        return base.addmm_(a, b, alpha=alpha) if inplace else torch.addmm(base, a, b, alpha=alpha)
+        return gemm.addmm(base, a, b, alpha, inplace)
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         """GaLore: alpha * N B^T, at the gradient's precision (N is fp32: a full-size product

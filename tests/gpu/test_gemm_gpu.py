@@ -1,4 +1,4 @@
-"""The padded GEMM of the custom ops on a GPU (`parameterizations/gemm.py` pads only on CUDA):
+"""The padded GEMM of the custom ops on a GPU (`lowrank_train/gemm.py` pads only on CUDA):
 llama_1b's misaligned 5461-wide shapes in every operand layout, against the float64 product of
 the same bf16 operands on the CPU. Skipped without CUDA.
 
@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (the padded path)", allow_module_level=True)
 
-from lowrank_train.parameterizations import gemm  # noqa: E402
+from lowrank_train import gemm  # noqa: E402
 
 
 def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -31,3 +31,15 @@ def test_padded_mm_on_cuda_matches_float64(m, k, n, a_t):
     out = gemm.mm(a.cuda(), b.cuda())
     assert out.shape == (m, n) and out.is_contiguous() and out.dtype == torch.bfloat16
     assert sqnr_db(out, a.double() @ b.double()) >= 45
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_padded_addmm_on_cuda_matches_float64(inplace):
+    """The projected optimizer's W += alpha B N onto llama_1b's 2048 x 5461 down_proj."""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2048, 5461, generator=gen).bfloat16()
+    a, b = torch.randn(2048, 512, generator=gen).bfloat16(), torch.randn(512, 5461).bfloat16()
+    target = base.cuda()
+    out = gemm.addmm(target, a.cuda(), b.cuda(), -0.5, inplace=inplace)
+    assert (out is target) == inplace and out.shape == base.shape
+    assert sqnr_db(out, base.double() - 0.5 * (a.double() @ b.double())) >= 45

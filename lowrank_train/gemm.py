@@ -1,6 +1,8 @@
-"""The GEMMs of the parameterizations' custom ops, padded to cuBLAS's alignment on CUDA.
+"""GEMMs outside inductor's reach, padded to cuBLAS's alignment on CUDA: those of the
+parameterizations' custom ops and of the projected optimizer's step.
 
-Inside a custom op, inductor's pad_mm pass cannot reach a matmul, and cuBLAS sends an operand
+Inside a custom op (and in the eager optimizer step), inductor's pad_mm pass cannot reach a
+matmul, and cuBLAS sends an operand
 whose rows are not 16-byte aligned (llama_1b's 5461-wide MLP) to slow legacy kernels: on the
 H200 a bf16 linear of 2048 x 5461 at 8192 tokens took 1.48 ms, against 0.38 ms for 4096 x 4096
 with 1.5x its FLOPs (bench_kernels, 2026-12-01), and the 1B int8 profile spent 95 ms a step in
@@ -11,6 +13,7 @@ pad_mm does for the dense model: zeros add nothing to the products.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -40,6 +43,24 @@ def _aligned(t: Tensor) -> bool:
     """Whether a 2-D operand's leading dimension (its stride across rows, or across columns
     for a transposed view) is a multiple of ROW_ALIGN."""
     return all(s % ROW_ALIGN == 0 for s in t.stride() if s != 1)
+
+
+def addmm(
+    base: Tensor, a: Tensor, b: Tensor, alpha: float, inplace: bool = False, pad: bool | None = None
+) -> Tensor:
+    """base + alpha a @ b (into base when `inplace`): torch's addmm, one GEMM accumulating onto
+    base, unless `pad` (default: on CUDA) and base or an operand is misaligned; then the padded `mm` and one add
+    (an extra pass over base, and the product rounded to base's dtype before the add, against
+    a cuBLAS fallback kernel 5-9x slower: llama_1b's 2048 x 5461 down_proj, optimizer step
+    profile, H200, 2026-12-02)."""
+    if pad is None:
+        pad = base.is_cuda
+    if not pad or (
+        all(_padding(d) == 0 for d in (*a.shape, b.shape[1])) and all(map(_aligned, (base, a, b)))
+    ):
+        return base.addmm_(a, b, alpha=alpha) if inplace else torch.addmm(base, a, b, alpha=alpha)
+    product = mm(a, b, pad=True)
+    return base.add_(product, alpha=alpha) if inplace else torch.add(base, product, alpha=alpha)
 
 
 def linear(x: Tensor, w: Tensor, pad: bool | None = None) -> Tensor:
