@@ -18,6 +18,7 @@ CASES = {
     "galore": dict(rank=4, update_gap=3),
     "qgalore": dict(rank=4, update_gap=3),
     "fira": dict(rank=4, update_gap=3, scale=0.5),
+    "gradnormlorp": dict(rank=4, update_gap=3),
     "apollo": dict(rank=4, update_gap=3, scale=0.5),
     "apollo_mini": dict(rank=1, update_gap=3, scale=11.3137),
 }
@@ -52,9 +53,10 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     """Six steps through two refreshes: each tensor of the group equals, bitwise, the same
     tensor stepped by an optimizer of its own through `update_`; one tensor joins a step late (its c_t and
     limiter lag the others': a run of its own)."""
-    rank = CASES[method]["rank"]
     if small_runs:  # the budget of a run fits two of these tensors, not three
-        monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * 16 * 24 * rank + 1)
+        cls = PROJECTORS.get(method)
+        item = cls(cls.Config(**CASES[method])).run_item_bytes((24, 16), torch.float32)
+        monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * item + 1)
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(SHAPES)]
     together = [torch.nn.Parameter(initial_weight(s, seed=i).float()) for i, s in enumerate(SHAPES)]
     alone = [torch.nn.Parameter(p.detach().clone()) for p in together]

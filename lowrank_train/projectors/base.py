@@ -251,6 +251,18 @@ def limiter_factors(norms: Tensor, states: list[State], gamma: float) -> Tensor:
     return factors
 
 
+def stacked_adam(grad: Tensor, states: list[State], keys: tuple[str, str], hp: dict) -> Tensor:
+    """N = M / (sqrt(V) + eps) of a run's stacked gradient (b, ...), the states' moments under
+    `keys` (fp32 or bf16, one tensor each) stacked, stepped by one Adam kernel and copied back
+    by one multi-tensor copy each: elementwise, so each slice is what the tensor gets alone."""
+    stacked = [torch.stack([s[k] for s in states]) for k in keys]
+    beta1, beta2 = hp["betas"]
+    update = kernels.adam_update(grad, *stacked, beta1=beta1, beta2=beta2, eps=hp["eps"])
+    for key, moment in zip(keys, stacked, strict=True):
+        torch._foreach_copy_([s[key] for s in states], list(moment.unbind(0)))
+    return update
+
+
 class LowRankAdam(Projector):
     """The Adam family on a projected gradient, written once (DESIGN.md, "Projector").
 
@@ -425,18 +437,22 @@ class LowRankAdam(Projector):
 
     def low_rank_runs(self, items: list[tuple]) -> Iterator[list[tuple]]:
         """The items ((weight, grad, state, step) tuples) in runs that `moments_step_many` can
-        stack: one gradient shape, dtype and side, one moment step (so one c_t), in order of
-        first appearance, each within BATCH_LOW_RANK_BYTES of stacked fp32 low-rank tensors
-        (R, N and the two moments: 16 D r bytes an item)."""
+        stack: one gradient shape, dtype and side, one moment step (so one c_t) and one step,
+        in order of first appearance, each within BATCH_LOW_RANK_BYTES of temporaries
+        (`run_item_bytes` an item)."""
         groups: dict[tuple, list[tuple]] = {}
         for item in items:
-            grad, state = item[1], item[2]
-            key = (tuple(grad.shape), grad.dtype, state["side"], state.get("moment_step", 0))
+            grad, state, step = item[1], item[2], item[3]
+            key = (grad.shape, grad.dtype, state["side"], state.get("moment_step", 0), step)
             groups.setdefault(key, []).append(item)
-        for (shape, *_), group in groups.items():
-            size = max(1, BATCH_LOW_RANK_BYTES // (16 * max(shape) * self.options.rank))
+        for (shape, dtype, *_), group in groups.items():
+            size = max(1, BATCH_LOW_RANK_BYTES // self.run_item_bytes(tuple(shape), dtype))
             for start in range(0, len(group), size):
                 yield group[start : start + size]
+
+    def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """A tensor's share of a batched run's temporaries: R, N and the moments stacked, fp32."""
+        return 16 * max(shape) * self.options.rank
 
     def moments_step(
         self, grad: Tensor, state: State, hp: dict, low_grad: Tensor | None = None
@@ -461,11 +477,7 @@ class LowRankAdam(Projector):
             parts = [self.adam(r, s, hp) for r, s in zip(low_grad.unbind(0), states, strict=True)]
             low_update = torch.stack(parts)
         else:
-            keys = ("exp_avg", "exp_avg_sq")
-            stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
-            low_update = self.adam(low_grad, stacked, hp)
-            for k in keys:
-                torch._foreach_copy_([s[k] for s in states], list(stacked[k].unbind(0)))
+            low_update = stacked_adam(low_grad, states, ("exp_avg", "exp_avg_sq"), hp)
         corrections = {self.advance(s, hp) for s in states}  # one value: the runs' key
         return low_update, low_grad, corrections.pop()
 

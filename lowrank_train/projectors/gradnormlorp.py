@@ -44,8 +44,7 @@ import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
-from lowrank_train.kernels import ops as kernels
-from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions
+from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, stacked_adam
 from lowrank_train.projectors.galore import SVDProjector
 
 NORM_FLOOR = 1e-12  # rows at or below this norm have no direction (see `split`)
@@ -57,8 +56,9 @@ def work_dtype(grad: Tensor) -> torch.dtype:
 
 
 def row_norms(v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """||v_i|| of each output row, (m, 1), accumulated in `dtype` (no upcast copy of v)."""
-    return torch.linalg.vector_norm(v, dim=1, keepdim=True, dtype=dtype).clamp_min(NORM_FLOOR)
+    """||v_i|| of each output row, (m, 1) ((b, m, 1) for a stack), accumulated in `dtype` (no
+    upcast copy of v)."""
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=dtype).clamp_min(NORM_FLOOR)
 
 
 def magnitude_grad(grad: Tensor, v: Tensor, norms: Tensor | None = None) -> Tensor:
@@ -66,7 +66,7 @@ def magnitude_grad(grad: Tensor, v: Tensor, norms: Tensor | None = None) -> Tens
     rows' norms when the caller has them)."""
     dtype = work_dtype(grad)
     norms = row_norms(v, dtype) if norms is None else norms
-    return (grad * v).sum(dim=1, keepdim=True, dtype=dtype) / norms
+    return (grad * v).sum(dim=-1, keepdim=True, dtype=dtype) / norms
 
 
 def direction_grad(grad: Tensor, v: Tensor, g: Tensor) -> Tensor:
@@ -106,31 +106,36 @@ class GradNormLoRP(SVDProjector):
         """The basis comes from the direction's gradient dL/dv, not from G."""
         return split(grad, param.to(grad.dtype))[2]
 
-    def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
-        """g' v' / ||v'|| after one Adam step of the direction (projected) and the magnitude,
-        in the basis's dtype: v' by one GEMM onto W (add_back), rescaled in place by an fp32
-        row factor (so the row norms are not rounded to the weight's precision)."""
-        g, grad_g, grad_v, zero = split(grad, param.to(grad.dtype))
-        low_update, _, correction = self.moments_step(grad_v.to(param.dtype), state, hp)
-        del grad_v  # the step reads only N from here on
-        base = param.to(state["basis"].dtype)
-        v_new = self.add_back(base, low_update, state, -hp["lr"] * correction * self.options.scale)
-        if "magnitude_exp_avg" not in state:
-            state["magnitude_exp_avg"] = torch.zeros(g.shape[0], device=g.device)
-            state["magnitude_exp_avg_sq"] = torch.zeros(g.shape[0], device=g.device)
+    def new_weights(
+        self, params: Tensor, grads: Tensor, states: list[State], step: int, hp: dict
+    ) -> Tensor:
+        """g' v' / ||v'|| of a run's stacked weights and gradients (b, m, n), one Adam step of
+        each direction (projected; `moments_step_many`) and magnitude (`stacked_adam`), in
+        the basis's dtype: v' by one GEMM a tensor onto W, rescaled in place by an fp32 row
+        factor (so the row norms are not rounded to the weight's precision). Everything but
+        the GEMMs runs once on the stack; `step` is the run's (one, `low_rank_runs`)."""
+        g, grad_g, grad_v, zero = split(grads, params.to(grads.dtype))
+        directions = list(grad_v.to(params.dtype).unbind(0))
+        low_update, _, correction = self.moments_step_many(directions, states, hp)
+        del grad_v, directions  # the step reads only N from here on
+        v_new = params.to(states[0]["basis"].dtype, copy=True)
+        for v, n, state in zip(v_new.unbind(0), low_update.unbind(0), states, strict=True):
+            self.add_back(v, n, state, -hp["lr"] * correction * self.options.scale, inplace=True)
+        for state in states:
+            if "magnitude_exp_avg" not in state:
+                state["magnitude_exp_avg"] = torch.zeros(g.shape[1], device=g.device)
+                state["magnitude_exp_avg_sq"] = torch.zeros(g.shape[1], device=g.device)
+        keys = ("magnitude_exp_avg", "magnitude_exp_avg_sq")
+        step_g = stacked_adam(grad_g.flatten(1), states, keys, hp).to(g.dtype)
         beta1, beta2 = hp["betas"]
-        step_g = kernels.adam_update(
-            grad_g.reshape(-1),
-            state["magnitude_exp_avg"],
-            state["magnitude_exp_avg_sq"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=hp["eps"],
-        ).to(g.dtype)
         correction_g = (1 - beta2**step) ** 0.5 / (1 - beta1**step)
-        g_new = g - (hp["lr"] * correction_g) * step_g[:, None]
+        g_new = g - (hp["lr"] * correction_g) * step_g[..., None]
         factor = g_new / row_norms(v_new, g.dtype)
         return v_new.mul_(torch.where(zero, torch.ones_like(factor), factor))
+
+    def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
+        """`new_weights` of one tensor."""
+        return self.new_weights(param[None], grad[None], [state], step, hp)[0]
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """(W - W_new) / lr: W - lr * direction is the new weight (zero at lr 0)."""
@@ -140,16 +145,27 @@ class GradNormLoRP(SVDProjector):
         return (param.to(w_new.dtype) - w_new) / hp["lr"]
 
     def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
-        """W <- W_new exactly (no (W - W_new) / lr round trip), GaLore's decay after it."""
-        w_new = self.new_weight(param, grad, state, step, hp)
-        self.decay_(param, hp, before_update=True)
-        param.copy_(w_new)
-        self.decay_(param, hp, before_update=False)
+        """W <- W_new exactly (no (W - W_new) / lr round trip), through `update_many_`."""
+        self.update_many_([(param, grad, state, step)], hp)
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
-        """One tensor at a time (`update_`): its step is not GaLore's update of W."""
-        for param, grad, state, step in items:
-            self.update_(param, grad, state, step, hp)
+        """W_i <- W_new of a group's tensors, run by run (`low_rank_runs`): the run's weights
+        and gradients stacked (a copy of each), `new_weights` on the stack, one multi-tensor
+        copy back; GaLore's decay after it."""
+        for run in self.low_rank_runs(items):
+            params = [p for p, _, _, _ in run]
+            grads = torch.stack([g for _, g, _, _ in run])
+            states, step = [s for _, _, s, _ in run], run[0][3]
+            w_new = self.new_weights(torch.stack(params), grads, states, step, hp)
+            del grads
+            self.decay_many_(params, hp, before_update=True)
+            torch._foreach_copy_(params, list(w_new.unbind(0)))
+            self.decay_many_(params, hp, before_update=False)
+
+    def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """LowRankAdam's share and the full-size stacks of a run: W, G, dL/dv and v' (and the
+        product G v of the magnitude's gradient), at the weights' precision."""
+        return super().run_item_bytes(shape, dtype) + 5 * shape[0] * shape[1] * dtype.itemsize
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """LowRankAdam's (2 D r moments + the d r basis) + the magnitude's 2 fp32 m-vectors."""
