@@ -113,12 +113,13 @@ class GradNormLoRP(SVDProjector):
         each direction (projected; `moments_step_many`) and magnitude (`stacked_adam`), in
         the basis's dtype: v' by one GEMM a tensor onto W, rescaled in place by an fp32 row
         factor (so the row norms are not rounded to the weight's precision). Everything but
-        the GEMMs runs once on the stack; `step` is the run's (one, `low_rank_runs`)."""
+        the GEMMs runs once on the stack; `step` is the run's (one, `low_rank_runs`). `params`
+        is consumed: v' is built in its storage (a stack is a copy)."""
         g, grad_g, grad_v, zero = split(grads, params.to(grads.dtype))
         directions = list(grad_v.to(params.dtype).unbind(0))
         low_update, _, correction = self.moments_step_many(directions, states, hp)
         del grad_v, directions  # the step reads only N from here on
-        v_new = params.to(states[0]["basis"].dtype, copy=True)
+        v_new = params.to(states[0]["basis"].dtype)  # in place where the dtypes agree
         for v, n, state in zip(v_new.unbind(0), low_update.unbind(0), states, strict=True):
             self.add_back(v, n, state, -hp["lr"] * correction * self.options.scale, inplace=True)
         for state in states:
@@ -135,7 +136,7 @@ class GradNormLoRP(SVDProjector):
 
     def new_weight(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """`new_weights` of one tensor."""
-        return self.new_weights(param[None], grad[None], [state], step, hp)[0]
+        return self.new_weights(param[None].clone(), grad[None], [state], step, hp)[0]
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """(W - W_new) / lr: W - lr * direction is the new weight (zero at lr 0)."""
@@ -163,9 +164,9 @@ class GradNormLoRP(SVDProjector):
             self.decay_many_(params, hp, before_update=False)
 
     def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
-        """LowRankAdam's share and the full-size stacks of a run: W, G, dL/dv and v' (and the
-        product G v of the magnitude's gradient), at the weights' precision."""
-        return super().run_item_bytes(shape, dtype) + 5 * shape[0] * shape[1] * dtype.itemsize
+        """LowRankAdam's share and the full-size stacks of a run: W (then v'), G, dL/dv and the
+        product G v of the magnitude's gradient, at the weights' precision."""
+        return super().run_item_bytes(shape, dtype) + 4 * shape[0] * shape[1] * dtype.itemsize
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """LowRankAdam's (2 D r moments + the d r basis) + the magnitude's 2 fp32 m-vectors."""
