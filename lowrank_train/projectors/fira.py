@@ -42,10 +42,11 @@ RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 
 
 def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
-    """||X_i|| over the D channels of a low-rank tensor, shaped to broadcast over the m x n
+    """||X_i|| over the D channels of a low-rank (or m x n) tensor, shaped to broadcast over the m x n
     gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
     the left; a stack of them (b, ...) gives (b, m, 1) or (b, 1, n)."""
-    return low.to(dtype).norm(dim=-1 if side == "right" else -2, keepdim=True)
+    dim = -1 if side == "right" else -2
+    return torch.linalg.vector_norm(low, dim=dim, keepdim=True, dtype=dtype)  # no upcast copy
 
 
 def scale_dtype(grad: Tensor) -> torch.dtype:
@@ -92,10 +93,12 @@ class Fira(SVDProjector):
 
     def limited_residuals(
         self, low_update: Tensor, low_grad: Tensor, grads: list[Tensor], states: list[State]
-    ) -> list[Tensor]:
-        """S_i after the limiter, diag(phi_i) (G_i - a_r back(R_i)) / factor_i, in G's dtype, for
-        a run (N, R stacked (b, ...)): per tensor one GEMM onto G_i; the channel scales, the
-        norms and the limiter batched across the run (multi-tensor kernels)."""
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(E_i, k_i) with S_i = k_i E_i the limited residual of each tensor of a run (N, R
+        stacked (b, ...)): E_i = G_i - a_r back(R_i) by one GEMM onto G_i, in G's dtype, and
+        k_i = phi_i / factor_i its channel scales (fp32 math, in G's dtype). The limiter reads
+        ||diag(phi) E||_F = sqrt(sum_c phi_c^2 ||E_c||^2) from E's channel norms, so E is never
+        scaled in place: the caller applies k with its own pass (W += a k E by one addcmul_)."""
         side, dtype = states[0]["side"], scale_dtype(grads[0])
         phi = channel_norms(low_update, side, dtype) / (
             channel_norms(low_grad, side, dtype) + RATIO_EPS
@@ -105,27 +108,26 @@ class Fira(SVDProjector):
             self.add_back(g, r, s, -a_r)
             for g, r, s in zip(grads, low_grad.unbind(0), states, strict=True)
         ]
-        torch._foreach_mul_(residuals, list(phi.to(grads[0].dtype).unbind(0)))
-        norms = torch.stack(torch._foreach_norm(residuals, 2, dtype=dtype))
+        residual_norms = torch.stack([channel_norms(e, side, dtype) for e in residuals])
+        norms = torch.linalg.vector_norm(phi * residual_norms, dim=(-2, -1))
         factors = limiter_factors(norms, states, self.options.gamma)
-        torch._foreach_div_(residuals, list(factors.to(grads[0].dtype).unbind(0)))
-        return residuals
+        scales = (phi / factors[:, None, None]).to(grads[0].dtype).unbind(0)
+        return residuals, list(scales)
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         """a_s S + alpha back(N) (the paper: alpha (back(N) + S)), onto S by one GEMM."""
         _, a_s = self.placement()
-        [limited] = self.limited_residuals(low_update[None], low_grad[None], [grad], [state])
-        if a_s != 1.0:
-            limited.mul_(a_s)
+        [e], [k] = self.limited_residuals(low_update[None], low_grad[None], [grad], [state])
+        limited = e.mul_(k * a_s if a_s != 1.0 else k)
         return self.add_back(limited, low_update, state, self.options.scale, inplace=True)
 
     def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
-        """W_i += alpha (a_s S_i + scale back(N_i)): the run's S added by one multi-tensor add,
-        back(N_i) by one GEMM into W_i."""
+        """W_i += alpha (a_s k_i E_i + scale back(N_i)): S added by one addcmul_ a tensor
+        (multi-tensor), back(N_i) by one GEMM into W_i."""
         _, a_s = self.placement()
-        limited = self.limited_residuals(low_update, low_grad, grads, states)
-        torch._foreach_add_(params, limited, alpha=alpha * a_s)
-        del limited
+        residuals, scales = self.limited_residuals(low_update, low_grad, grads, states)
+        torch._foreach_addcmul_(params, residuals, scales, value=alpha * a_s)
+        del residuals
         for param, n, state in zip(params, low_update.unbind(0), states, strict=True):
             self.add_back(param, n, state, alpha * self.options.scale, inplace=True)
 
