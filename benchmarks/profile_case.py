@@ -171,7 +171,12 @@ def main() -> None:
         case={"id": args.case},
         provider="ours",
         method=method,
-        settings={"warm_steps": args.warm, "profile_steps": args.profile_steps, "call": args.call},
+        settings={
+            "warm_steps": args.warm,
+            "profile_steps": args.profile_steps,
+            "overrides": args.set,
+            "call": args.call,
+        },
         metrics=metrics,
     )
     print(f"rows: {write_results('profile', args.device_slug, [row], args.out_dir)}")
