@@ -46,9 +46,15 @@ def _aligned(t: Tensor) -> bool:
 
 
 def addmm(
-    base: Tensor, a: Tensor, b: Tensor, alpha: float, inplace: bool = False, pad: bool | None = None
+    base: Tensor,
+    a: Tensor,
+    b: Tensor,
+    alpha: float,
+    inplace: bool = False,
+    pad: bool | None = None,
+    beta: float = 1.0,
 ) -> Tensor:
-    """base + alpha a @ b (into base when `inplace`): torch's addmm, one GEMM accumulating onto
+    """beta base + alpha a @ b (into base when `inplace`): torch's addmm, one GEMM accumulating onto
     base, unless `pad` (default: on CUDA) and base or an operand is misaligned; then the padded `mm` and one add
     (an extra pass over base, and the product rounded to base's dtype before the add, against
     a cuBLAS fallback kernel 5-9x slower: llama_1b's 2048 x 5461 down_proj, optimizer step
@@ -58,8 +64,13 @@ def addmm(
     if not pad or (
         all(_padding(d) == 0 for d in (*a.shape, b.shape[1])) and all(map(_aligned, (base, a, b)))
     ):
-        return base.addmm_(a, b, alpha=alpha) if inplace else torch.addmm(base, a, b, alpha=alpha)
+        if inplace:
+            return base.addmm_(a, b, beta=beta, alpha=alpha)
+        return torch.addmm(base, a, b, beta=beta, alpha=alpha)
     product = mm(a, b, pad=True)
+    if beta != 1.0:
+        base = base.mul_(beta) if inplace else base * beta
+        inplace = True  # base is now a new tensor or the caller's, scaled
     return base.add_(product, alpha=alpha) if inplace else torch.add(base, product, alpha=alpha)
 
 

@@ -253,10 +253,10 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(shapes)]
     opts = dict(CASES[method], update_gap=3, decay_on=decay_on)
     if runs_of_two:  # the low-rank budget of a batched run fits two of these tensors
-        monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * (16 * 24 * opts["rank"]) + 1)
+        monkeypatch.setattr(base, "BATCH_RUN_BYTES", 2 * (16 * 24 * opts["rank"]) + 1)
         same = [(None, torch.zeros(24, 16), {"side": "right"}, 1)] * 3
         projector = PROJECTORS.get(method)(PROJECTORS.get(method).Config(**opts))
-        assert [len(r) for r in projector.low_rank_runs(same)] == [2, 1]
+        assert [len(r) for r in projector.runs(same)] == [2, 1]
 
     def optimizer(params, names):
         cls = PROJECTORS.get(method)

@@ -18,6 +18,7 @@ CASES = {
     "galore": dict(rank=4, update_gap=3),
     "qgalore": dict(rank=4, update_gap=3),
     "fira": dict(rank=4, update_gap=3, scale=0.5),
+    "flora": dict(rank=4, update_gap=3),
     "gradnormlorp": dict(rank=4, update_gap=3),
     "apollo": dict(rank=4, update_gap=3, scale=0.5),
     "apollo_mini": dict(rank=1, update_gap=3, scale=11.3137),
@@ -56,7 +57,7 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     if small_runs:  # the budget of a run fits two of these tensors, not three
         cls = PROJECTORS.get(method)
         item = cls(cls.Config(**CASES[method])).run_item_bytes((24, 16), torch.float32)
-        monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * item + 1)
+        monkeypatch.setattr(base, "BATCH_RUN_BYTES", 2 * item + 1)
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(SHAPES)]
     together = [torch.nn.Parameter(initial_weight(s, seed=i).float()) for i, s in enumerate(SHAPES)]
     alone = [torch.nn.Parameter(p.detach().clone()) for p in together]
@@ -79,10 +80,10 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
 
 
 def test_runs_group_by_shape_side_and_moment_step_within_the_budget(monkeypatch):
-    """`low_rank_runs`: one shape, dtype, side and moment step a run, in order of first
-    appearance, at most BATCH_LOW_RANK_BYTES / (16 D r) items each."""
+    """`runs`: one shape, dtype, side and moment step a run, in order of first
+    appearance, at most BATCH_RUN_BYTES / (16 D r) items each."""
     projector = PROJECTORS.get("galore")(PROJECTORS.get("galore").Config(rank=4))
-    monkeypatch.setattr(base, "BATCH_LOW_RANK_BYTES", 2 * 16 * 24 * 4)
+    monkeypatch.setattr(base, "BATCH_RUN_BYTES", 2 * 16 * 24 * 4)
 
     def item(shape, side, moment_step=0):
         return (None, torch.zeros(shape), {"side": side, "moment_step": moment_step}, 1)
@@ -95,5 +96,5 @@ def test_runs_group_by_shape_side_and_moment_step_within_the_budget(monkeypatch)
         item((24, 16), "right", moment_step=3),
     ]
     index = {id(x): i for i, x in enumerate(items)}
-    runs = [[index[id(x)] for x in run] for run in projector.low_rank_runs(items)]
+    runs = [[index[id(x)] for x in run] for run in projector.runs(items)]
     assert runs == [[0, 2], [3], [1], [4]]

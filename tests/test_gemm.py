@@ -31,16 +31,17 @@ def test_linear_and_matmul_flatten_the_leading_dimensions():
     torch.testing.assert_close(gemm.matmul(g, w, pad=True), g @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [1.0, 0.1])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("m, k, n", [(16, 24, 40), (16, 24, 37), (13, 21, 37)])
-def test_padded_addmm_equals_torch_addmm(m, k, n, inplace):
-    """base + alpha a b, padded (a misaligned base or operand) or not, in place or not."""
+def test_padded_addmm_equals_torch_addmm(m, k, n, inplace, beta):
+    """beta base + alpha a b, padded (a misaligned base or operand) or not, in place or not."""
     gen = torch.Generator().manual_seed(m + k + n)
     base, a = torch.randn(m, n, generator=gen), torch.randn(m, k, generator=gen)
     b = torch.randn(k, n, generator=gen)
-    expected = torch.addmm(base.double(), a.double(), b.double(), alpha=-0.3).float()
+    expected = torch.addmm(base.double(), a.double(), b.double(), beta=beta, alpha=-0.3).float()
     target = base.clone()
-    out = gemm.addmm(target, a, b, -0.3, inplace=inplace, pad=True)
+    out = gemm.addmm(target, a, b, -0.3, inplace=inplace, pad=True, beta=beta)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert (out is target) == inplace
     assert inplace or torch.equal(target, base)

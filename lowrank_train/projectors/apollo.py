@@ -106,7 +106,7 @@ class Apollo(LowRankAdam):
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
         """W <- W - lr k G for a group's tensors (`coefficients`), one addcmul_ each."""
-        for run in self.low_rank_runs(items):
+        for run in self.runs(items):
             params = [p for p, _, _, _ in run]
             grads = [g.to(p.dtype) for (p, g, _, _) in run]
             ks = self.coefficients(run, hp, [p.dtype for p in params])
@@ -118,7 +118,7 @@ class Apollo(LowRankAdam):
         """k G for each writer's tensor in the items' order, one at a time (every run's small
         `coefficients` first: the runs group the items by shape)."""
         ks: dict[int, Tensor] = {}
-        for run in self.low_rank_runs(items):
+        for run in self.runs(items):
             dtypes = [g.dtype for _, g, _, _ in run]
             for (_, _, state, _), k in zip(run, self.coefficients(run, hp, dtypes), strict=True):
                 ks[id(state)] = k
@@ -127,7 +127,7 @@ class Apollo(LowRankAdam):
 
     def coefficients(self, items, hp: dict, dtypes: list[torch.dtype]) -> list[Tensor]:
         """k_i with c_t alpha U_i = k_i G_i, for each (weight, grad, state, step) of a run
-        (`low_rank_runs`), the step's small ops batched across it: the Adam step on the stacked
+        (`runs`), the step's small ops batched across it: the Adam step on the stacked
         R (`moments_step_many`), the scales on the stacked N and R, and the limiter, which reads
         ||s G||_F from G's channel norms and the scales (s ||G||_F for APOLLO-Mini, sqrt(sum_i
         s_i^2 ||G_i||^2) per channel), once on the run's norms. Per tensor remain R = down(G)

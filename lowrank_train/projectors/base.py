@@ -127,6 +127,26 @@ class Projector:
             yield update
             del update  # on resume, before the next is formed
 
+    def runs(self, items: list[tuple]) -> Iterator[list[tuple]]:
+        """The items ((weight, grad, state, step) tuples) in runs a batched step can stack: one
+        gradient shape, dtype and side, one step, moment step (so one c_t) and resample index,
+        in order of first appearance, each within BATCH_RUN_BYTES of temporaries
+        (`run_item_bytes` an item)."""
+        groups: dict[tuple, list[tuple]] = {}
+        for item in items:
+            grad, state, step = item[1], item[2], item[3]
+            counters = (step, state.get("moment_step", 0), state.get("index", 0))
+            key = (grad.shape, grad.dtype, state["side"], *counters)
+            groups.setdefault(key, []).append(item)
+        for (shape, dtype, *_), group in groups.items():
+            size = max(1, BATCH_RUN_BYTES // self.run_item_bytes(tuple(shape), dtype))
+            for start in range(0, len(group), size):
+                yield group[start : start + size]
+
+    def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """A tensor's share of its batched run's temporaries (each batching projector's own)."""
+        raise NotImplementedError
+
     def decay_many_(self, params: list[Tensor], hp: dict, before_update: bool) -> None:
         """`decay_` of several parameters in one multi-tensor kernel."""
         if hp["weight_decay"] and before_update != self.decay_after_update:
@@ -175,7 +195,7 @@ def projectable_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
 
 MOMENT_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANT_BLOCK = 256  # block of the 8-bit moments (bitsandbytes' optimizer block)
-BATCH_LOW_RANK_BYTES = 256 * 2**20  # stacked fp32 low-rank tensors of one batched run
+BATCH_RUN_BYTES = 256 * 2**20  # temporaries of one batched run (`Projector.runs`)
 
 
 def moment_bytes(numel: int, state_dtype: str) -> int:
@@ -405,12 +425,12 @@ class LowRankAdam(Projector):
         self.decay_(param, hp, before_update=False)
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
-        """`update_` of a group's tensors, run by run (`low_rank_runs`): the Adam step of a run
+        """`update_` of a group's tensors, run by run (`runs`): the Adam step of a run
         is one kernel on its stacked R (`moments_step_many`), the decay multi-tensor, and the
         projector's `add_up_many_` sees the whole run; each tensor gets what `update_` gives it
         alone, bit for bit (tests/test_batched_steps.py). A whole-model step at 1B is op
         dispatch, not arithmetic: this is what keeps the host ahead of the GPU."""
-        for run in self.low_rank_runs(items):
+        for run in self.runs(items):
             params = [p for p, _, _, _ in run]
             grads = [g for _, g, _, _ in run]
             states = [s for _, _, s, _ in run]
@@ -435,21 +455,6 @@ class LowRankAdam(Projector):
         ):
             param.add_(self.up(n, r, grad, state).to(param.dtype), alpha=alpha)
 
-    def low_rank_runs(self, items: list[tuple]) -> Iterator[list[tuple]]:
-        """The items ((weight, grad, state, step) tuples) in runs that `moments_step_many` can
-        stack: one gradient shape, dtype and side, one moment step (so one c_t) and one step,
-        in order of first appearance, each within BATCH_LOW_RANK_BYTES of temporaries
-        (`run_item_bytes` an item)."""
-        groups: dict[tuple, list[tuple]] = {}
-        for item in items:
-            grad, state, step = item[1], item[2], item[3]
-            key = (grad.shape, grad.dtype, state["side"], state.get("moment_step", 0), step)
-            groups.setdefault(key, []).append(item)
-        for (shape, dtype, *_), group in groups.items():
-            size = max(1, BATCH_LOW_RANK_BYTES // self.run_item_bytes(tuple(shape), dtype))
-            for start in range(0, len(group), size):
-                yield group[start : start + size]
-
     def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
         """A tensor's share of a batched run's temporaries: R, N and the moments stacked, fp32."""
         return 16 * max(shape) * self.options.rank
@@ -466,7 +471,7 @@ class LowRankAdam(Projector):
     def moments_step_many(
         self, grads: list[Tensor], states: list[State], hp: dict
     ) -> tuple[Tensor, Tensor, float]:
-        """`moments_step` of one run (`low_rank_runs`): N and R stacked (b, ...), and the run's
+        """`moments_step` of one run (`runs`): N and R stacked (b, ...), and the run's
         c_t. The Adam kernel is elementwise, so each N_i is what `moments_step` gives the
         tensor alone, bit for bit: one launch on the stacked moments (and a stack and a
         multi-tensor copy back) instead of b launches."""

@@ -18,7 +18,7 @@ The limiter's previous norm is `state["limiter_norm"]` (0-d fp32; the first step
 it, as the code); neither it nor the moments are touched at a refresh. N is the moment ratio
 before bias correction (the code's); phi is a ratio, so c_t scales S and the projected part
 alike. The residual is an m x n temporary of each tensor of a batched run (bounded by the
-run's budget, `low_rank_runs`), at the gradient's precision.
+run's budget, `runs`), at the gradient's precision.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from lowrank_train import gemm
 from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
 from lowrank_train.projectors.base import (
@@ -133,91 +134,140 @@ class Flora(Projector):
 
     @staticmethod
     def down(x: Tensor, basis: Tensor, side: str) -> Tensor:
-        return x @ basis if side == "right" else basis.T @ x
+        """X B (right) or B^T X (left), padded where X is misaligned on CUDA (`gemm.mm`)."""
+        return gemm.mm(x, basis) if side == "right" else gemm.mm(basis.T, x)
 
     @staticmethod
-    def up(low: Tensor, basis: Tensor, side: str) -> Tensor:
-        return low @ basis.T if side == "right" else basis @ low
+    def add_up_(x: Tensor, low: Tensor, basis: Tensor, side: str, beta: float, alpha: float):
+        """X <- beta X + alpha up(C), up(C) = C B^T (right) or B C (left), in place, by one GEMM
+        accumulating onto X (`gemm.addmm`)."""
+        a, b = (low, basis.T) if side == "right" else (basis, low)
+        gemm.addmm(x, a, b, alpha, inplace=True, beta=beta)
 
     @staticmethod
     def transport(low: Tensor, old: Tensor, new: Tensor, side: str) -> Tensor:
-        """down_new(up_old(M)) through the (r, r) product B_old^T B_new (no full-size image)."""
-        return low @ (old.T @ new) if side == "right" else (new.T @ old) @ low
+        """down_new(up_old(M)) through the (r, r) product B_old^T B_new (no full-size image);
+        stacks (b, ...) of M and B alike."""
+        return low @ (old.mT @ new) if side == "right" else (new.mT @ old) @ low
 
     # -- the step ----------------------------------------------------------------------------
-    # Passes over the m x n gradient are the step's cost: the row and column statistics are
-    # norms accumulated in fp32 (no G^2 or fp32 copy of G), u is the one full-size temporary
-    # (at the gradient's precision, so the projections are GEMMs of that dtype), o is formed in
-    # place over it by one GEMM (addmm_), and the clip, the scale and the relative step reach W
-    # in one fused multiply-add.
+    # Passes over the m x n gradient are the step's cost, and at 1B the dispatch of its small
+    # ops was: a run of same-shape tensors (`Projector.runs`) is stacked once (the copy u is
+    # formed in), its row and column statistics are norms of the stack accumulated in fp32 (no
+    # G^2 or fp32 copy), u is scaled in place by scales in u's dtype (one vectorized pass
+    # each), o is formed over u by one GEMM a tensor, and the clip, the scale and the relative
+    # step reach W in one multi-tensor multiply-add.
 
-    def step_parts(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict):
-        """(o, k, relative factor): the Adafactor-Flora output before its clip, k = scale /
-        max(1, RMS(o) / clip), and max(1e-3, RMS(W)) (1 without scale_parameter), the last two
-        0-d tensors: no host sync. Flora's move is W <- W - lr factor k o (decay aside)."""
+    def run_parts(
+        self, params: list[Tensor], grads: list[Tensor], states: list[State], step: int, hp: dict
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(o, k, relative factor) of a run (`Projector.runs`: one shape, side, step and
+        resample index): the Adafactor-Flora outputs before their clip, stacked (b, m, n); k =
+        scale / max(1, RMS(o) / clip) and max(1e-3, RMS(W)) (1 without scale_parameter), (b,)
+        each, on the device: no host sync. Flora's move is W <- W - lr factor k o (decay
+        aside). Each tensor's values are what it gets in a run of its own."""
         o_ = self.options
-        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        side = state["side"]
-        m, n = grad.shape
+        dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+        device = grads[0].device
+        m, n = grads[0].shape
+        u = torch.stack(grads)  # a copy: u is formed in it
         beta2t = 1.0 - step ** (-o_.decay_rate)
-        for key, dim, count in (("row", 1, n), ("col", 0, m)):  # mean(G^2 + eps) per row, column
-            mean_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=dtype).square_() / count
-            state[key].mul_(beta2t).add_((mean_sq + o_.eps).to(state[key].dtype), alpha=1 - beta2t)
-        row, col = state["row"].to(dtype), state["col"].to(dtype)
-        # u at the gradient's precision (bf16 on the GPU, as the other projectors' passes),
-        # each product computed in fp32 from the fp32 factors and rounded once per element
-        u = torch.mul(grad, (row / row.mean()).rsqrt()[:, None], out=torch.empty_like(grad))
-        u.mul_(col.rsqrt()[None, :])
+        stats = {}
+        for key, dim, count in (("row", -1, n), ("col", -2, m)):  # mean(G^2 + eps) per row, col
+            mean_sq = torch.linalg.vector_norm(u, dim=dim, dtype=dtype).square_() / count
+            ema = torch.stack([s[key] for s in states])
+            ema.mul_(beta2t).add_((mean_sq + o_.eps).to(ema.dtype), alpha=1 - beta2t)
+            torch._foreach_copy_([s[key] for s in states], list(ema.unbind(0)))
+            stats[key] = ema.to(dtype)
+        row, col = stats["row"], stats["col"]
+        u.mul_((row / row.mean(dim=-1, keepdim=True)).rsqrt()[:, :, None].to(u.dtype))
+        u.mul_(col.rsqrt()[:, None, :].to(u.dtype))
         b1 = o_.beta1
         if b1 > 0:
-            basis = self.projection(state, state["index"], grad.shape, dtype, grad.device)
-            low_shape = (m, o_.rank) if side == "right" else (o_.rank, n)
-            momentum = (
-                read_moment(state, "exp_avg").to(dtype)
-                if "exp_avg" in state
-                else torch.zeros(low_shape, dtype=dtype, device=grad.device)
-            )
-            previous, previous_basis = momentum, basis  # o reads M_(t-1) in the old projection
-            if self.needs_refresh(state, step):
-                state["index"] += 1
-                new = self.projection(state, state["index"], grad.shape, dtype, grad.device)
-                if o_.moments_at_refresh == "reset":
-                    momentum = torch.zeros_like(momentum)
-                else:
-                    momentum = self.transport(momentum, basis, new, side)
-                basis = new
-            # the projections' GEMMs at u's precision; the D x r momentum's EMA in fp32
-            low_u = self.down(u, basis.to(u.dtype), side).to(dtype)
-            momentum = b1 * momentum + (1 - b1) * low_u
-            # o = (1 - b1) u + b1 up(M_(t-1)), written over u (down(u) is already taken), and
-            # before M_t is stored: an fp32 state read is the state tensor itself, not a copy
-            previous, previous_basis = previous.to(u.dtype), previous_basis.to(u.dtype)
-            if side == "right":
-                u.addmm_(previous, previous_basis.T, beta=1 - b1, alpha=b1)
-            else:
-                u.addmm_(previous_basis, previous, beta=1 - b1, alpha=b1)
-            write_moment(state, "exp_avg", momentum.float(), hp["state_dtype"])
+            self.momentum_(u, states, step, hp, dtype)
         o = u
-        k = o_.scale / torch.clamp(rms(o, dtype) / o_.clip, min=1.0)
+        rms_o = torch.linalg.vector_norm(o, dim=(-2, -1), dtype=dtype) / (m * n) ** 0.5
+        k = o_.scale / torch.clamp(rms_o / o_.clip, min=1.0)
         if o_.scale_parameter:
-            factor = torch.clamp(rms(param, dtype), min=PARAM_SCALE_FLOOR)
+            rms_w = torch.stack(torch._foreach_norm(params, 2, dtype=dtype)) / (m * n) ** 0.5
+            factor = torch.clamp(rms_w, min=PARAM_SCALE_FLOOR)
         else:
-            factor = torch.ones((), dtype=dtype, device=grad.device)
+            factor = torch.ones(len(params), dtype=dtype, device=device)
         return o, k, factor
+
+    def momentum_(self, u: Tensor, states: list[State], step: int, hp: dict, dtype) -> None:
+        """o = (1 - b1) u + b1 up(M_(t-1)) over the stack u, and M_t = b1 M_(t-1) + (1 - b1)
+        down(u) stored (transported first at a resample), per tensor of the run."""
+        o_, b1 = self.options, self.options.beta1
+        side, device, shape = states[0]["side"], u.device, tuple(u.shape[1:])
+        m, n = shape
+        low_shape = (m, o_.rank) if side == "right" else (o_.rank, n)
+
+        def projections() -> Tensor:
+            return torch.stack(
+                [self.projection(s, s["index"], shape, dtype, device) for s in states]
+            )
+
+        bases = projections()
+        momentum = torch.stack(
+            [
+                read_moment(s, "exp_avg").to(dtype)
+                if "exp_avg" in s
+                else torch.zeros(low_shape, dtype=dtype, device=device)
+                for s in states
+            ]
+        )
+        previous, previous_bases = momentum, bases  # o reads M_(t-1) in the old projection
+        if self.needs_refresh(states[0], step):  # one step a run: all or none resample
+            for s in states:
+                s["index"] += 1
+            new = projections()
+            if o_.moments_at_refresh == "reset":
+                momentum = torch.zeros_like(momentum)
+            else:
+                momentum = self.transport(momentum, bases, new, side)
+            bases = new
+        # the projections' GEMMs at u's precision; the D x r momentum's EMA in fp32
+        low_u = torch.stack(
+            [self.down(x, b.to(u.dtype), side) for x, b in zip(u, bases, strict=True)]
+        ).to(dtype)
+        momentum = b1 * momentum + (1 - b1) * low_u
+        # o written over u (down(u) is already taken), before M_t is stored: an fp32 state
+        # read is the state tensor itself, not a copy
+        previous, previous_bases = previous.to(u.dtype), previous_bases.to(u.dtype)
+        for x, low, basis in zip(u, previous, previous_bases, strict=True):
+            self.add_up_(x, low, basis, side, beta=1 - b1, alpha=b1)
+        for s, value in zip(states, momentum.float().unbind(0), strict=True):
+            write_moment(s, "exp_avg", value, hp["state_dtype"])
 
     def direction(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> Tensor:
         """max(1e-3, RMS(W)) k o: W <- W - lr * direction is Flora's move (decay aside)."""
-        o, k, factor = self.step_parts(param, grad, state, step, hp)
-        return o.mul_(k * factor)
+        o, k, factor = self.run_parts([param], [grad], [state], step, hp)
+        return o[0].mul_((k * factor)[0])
 
     def update_(self, param: Tensor, grad: Tensor, state: State, step: int, hp: dict) -> None:
-        """Adafactor's order: the relative step from RMS(W) before the decay, then
-        W <- W - rho wd W and W <- W - rho k o, with rho = lr max(1e-3, RMS(W))."""
-        o, k, factor = self.step_parts(param, grad, state, step, hp)
-        rho = factor * hp["lr"]
-        if hp["weight_decay"]:
-            param.mul_((1 - rho * hp["weight_decay"]).to(param.dtype))
-        param.addcmul_(o, -rho * k)
+        """One tensor through `update_many_`."""
+        self.update_many_([(param, grad, state, step)], hp)
+
+    def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
+        """Adafactor's order, run by run: the relative step from RMS(W) before the decay, then
+        W <- W - rho wd W and W <- W - rho k o, rho = lr max(1e-3, RMS(W)), each a multi-tensor
+        kernel over the run with its coefficients in W's dtype."""
+        for run in self.runs(items):
+            params = [p for p, _, _, _ in run]
+            o, k, factor = self.run_parts(
+                params, [g for _, g, _, _ in run], [s for _, _, s, _ in run], run[0][3], hp
+            )
+            rho = factor * hp["lr"]
+            dtype = params[0].dtype
+            if hp["weight_decay"]:
+                torch._foreach_mul_(params, list((1 - rho * hp["weight_decay"]).to(dtype)))
+            torch._foreach_addcmul_(params, list(o.unbind(0)), list((-rho * k).to(dtype)))
+
+    def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """The run's stack (u, at the gradient's precision) and its padded GEMM copies, with the
+        fp32 low-rank momentum, its update and the projections (3 D r)."""
+        return 2 * shape[0] * shape[1] * dtype.itemsize + 12 * max(shape) * self.options.rank
 
     def state_bytes(self, shape: tuple[int, int], state_dtype: str, param_bytes: int) -> int:
         """M of D x r in state_dtype (absent with beta1 0) + the fp32 factored second moment

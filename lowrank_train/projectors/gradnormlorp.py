@@ -113,7 +113,7 @@ class GradNormLoRP(SVDProjector):
         each direction (projected; `moments_step_many`) and magnitude (`stacked_adam`), in
         the basis's dtype: v' by one GEMM a tensor onto W, rescaled in place by an fp32 row
         factor (so the row norms are not rounded to the weight's precision). Everything but
-        the GEMMs runs once on the stack; `step` is the run's (one, `low_rank_runs`). `params`
+        the GEMMs runs once on the stack; `step` is the run's (one, `runs`). `params`
         is consumed: v' is built in its storage (a stack is a copy)."""
         g, grad_g, grad_v, zero = split(grads, params.to(grads.dtype))
         directions = list(grad_v.to(params.dtype).unbind(0))
@@ -150,10 +150,10 @@ class GradNormLoRP(SVDProjector):
         self.update_many_([(param, grad, state, step)], hp)
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
-        """W_i <- W_new of a group's tensors, run by run (`low_rank_runs`): the run's weights
+        """W_i <- W_new of a group's tensors, run by run (`runs`): the run's weights
         and gradients stacked (a copy of each), `new_weights` on the stack, one multi-tensor
         copy back; GaLore's decay after it."""
-        for run in self.low_rank_runs(items):
+        for run in self.runs(items):
             params = [p for p, _, _, _ in run]
             grads = torch.stack([g for _, g, _, _ in run])
             states, step = [s for _, _, s, _ in run], run[0][3]
