@@ -355,6 +355,23 @@ def projected_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
+def run_temporaries(optimizer: torch.optim.Optimizer) -> int:
+    """The largest batched run any of our projected optimizers steps (its projector's
+    `run_temporary_bytes` over its tensors' shapes, at their gradients' dtype)."""
+    out = 0
+    for opt in inner_optimizers(optimizer).values():
+        if isinstance(opt, ProjectedOptimizer):
+            grads = [  # a writer's gradient is its side buffer (the stored tensor is codes)
+                opt.writers[p].grad if p in opt.writers else p
+                for g in opt.param_groups
+                for p in g["params"]
+            ]
+            shapes = [tuple(t.shape) for t in grads]
+            dtype = grads[0].dtype if grads else torch.float32
+            out = max(out, opt.projector.run_temporary_bytes(shapes, dtype))
+    return out
+
+
 def refresh_workspace(optimizer: torch.optim.Optimizer) -> int:
     """The largest batched basis-finder call of an SVD projector's refresh: the tensors of one
     shape in chunks of at most BATCH_BYTES of fp32 input (at least one matrix), x the finder's
@@ -402,8 +419,11 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     acts = activations(model, cfg, precision, cfg.train.batch_size)
     loss_temp = acts.loss_temp
     # our step forms one full-shape fp32 direction and one more fp32 tensor of that shape
-    # (Adam's denominator, a dequantized weight), one tensor at a time
-    step_temp = 2 * FP32 * numel_of_largest(projected_tensors(optimizer))
+    # (Adam's denominator, a dequantized weight), one tensor at a time, or a batched run's
+    # temporaries (`Projector.runs`: at most BATCH_RUN_BYTES, or one tensor's share)
+    step_temp = max(
+        2 * FP32 * numel_of_largest(projected_tensors(optimizer)), run_temporaries(optimizer)
+    )
     refresh = refresh_workspace(optimizer)
     # backward, layer by layer from the top: the gradients so far beside the activations left
     layer_grads = [

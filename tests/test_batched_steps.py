@@ -98,3 +98,21 @@ def test_runs_group_by_shape_side_and_moment_step_within_the_budget(monkeypatch)
     index = {id(x): i for i, x in enumerate(items)}
     runs = [[index[id(x)] for x in run] for run in projector.runs(items)]
     assert runs == [[0, 2], [3], [1], [4]]
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_the_planned_run_temporaries_are_the_largest_run_the_step_makes(monkeypatch, method):
+    """`run_temporary_bytes` (the planner's step phase) equals the largest sum of
+    `run_item_bytes` over the runs `runs` forms of the same tensors."""
+    monkeypatch.setattr(base, "BATCH_RUN_BYTES", 3 * 16 * 24 * 4 + 1)
+    cls = PROJECTORS.get(method)
+    projector = cls(cls.Config(**CASES[method]))
+    shapes = [(24, 16)] * 5 + [(16, 24)] * 2 + [(40, 8)]
+    items = [
+        (None, torch.zeros(s), {"side": "left" if s[0] < s[1] else "right"}, 1) for s in shapes
+    ]
+    largest = max(
+        sum(projector.run_item_bytes(tuple(g.shape), torch.float32) for _, g, _, _ in run)
+        for run in projector.runs(items)
+    )
+    assert projector.run_temporary_bytes(shapes, torch.float32) == largest

@@ -147,6 +147,19 @@ class Projector:
         """A tensor's share of its batched run's temporaries (each batching projector's own)."""
         raise NotImplementedError
 
+    def run_temporary_bytes(self, shapes: list[tuple[int, int]], dtype: torch.dtype) -> int:
+        """The most one batched run of tensors of these shapes holds at once (the planner's
+        step phase): `runs`' sizing, the items of a shape up to BATCH_RUN_BYTES (at least one)
+        x `run_item_bytes`; 0 for a projector that steps one tensor at a time."""
+        if type(self).run_item_bytes is Projector.run_item_bytes:
+            return 0
+        out = 0
+        for shape in set(shapes):
+            item = self.run_item_bytes(shape, dtype)
+            per_run = max(1, BATCH_RUN_BYTES // item)
+            out = max(out, min(shapes.count(shape), per_run) * item)
+        return out
+
     def decay_many_(self, params: list[Tensor], hp: dict, before_update: bool) -> None:
         """`decay_` of several parameters in one multi-tensor kernel."""
         if hp["weight_decay"] and before_update != self.decay_after_update:
@@ -544,6 +557,8 @@ class FullAdam(LowRankAdam):
 
     def up(self, low_update: Tensor, low_grad: Tensor, grad: Tensor, state: State) -> Tensor:
         return low_update
+
+    run_item_bytes = Projector.run_item_bytes  # no runs (`run_temporary_bytes` 0)
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
         """One tensor at a time: R is G itself, and stacking would copy full-size gradients."""
