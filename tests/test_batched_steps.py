@@ -57,7 +57,7 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     if small_runs:  # the budget of a run fits two of these tensors, not three
         cls = PROJECTORS.get(method)
         item = cls(cls.Config(**CASES[method])).run_item_bytes((24, 16), torch.float32)
-        monkeypatch.setattr(base, "BATCH_RUN_BYTES", 2 * item + 1)
+        monkeypatch.setattr(base, "BATCH_RUN_BYTES", 2 * item // cls.run_budget_scale + 1)
     grads = [gradients(shape, 6, seed=i) for i, shape in enumerate(SHAPES)]
     together = [torch.nn.Parameter(initial_weight(s, seed=i).float()) for i, s in enumerate(SHAPES)]
     alone = [torch.nn.Parameter(p.detach().clone()) for p in together]

@@ -73,6 +73,10 @@ class Projector:
     # Whether `direction` reads the weight (Flora's RMS scale, GradNormLoRP's normalisation):
     # only then is a quantized weight dequantized for it (an fp32 m x n copy per tensor and step)
     reads_weight: ClassVar[bool] = False
+    # Runs whose temporaries are full-size stacks (GradNormLoRP's W and G, Flora's u) get 4x
+    # the budget: at 256 MiB a 1B MLP tensor ran alone, and a run's ~45 small ops, not its
+    # bytes, were the step's cost (the host-bound 1B step, 2026-12-02)
+    run_budget_scale: ClassVar[int] = 1
 
     def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()
@@ -130,7 +134,7 @@ class Projector:
     def runs(self, items: list[tuple]) -> Iterator[list[tuple]]:
         """The items ((weight, grad, state, step) tuples) in runs a batched step can stack: one
         gradient shape, dtype and side, one step, moment step (so one c_t) and resample index,
-        in order of first appearance, each within BATCH_RUN_BYTES of temporaries
+        in order of first appearance, each within `run_budget()` bytes of temporaries
         (`run_item_bytes` an item)."""
         groups: dict[tuple, list[tuple]] = {}
         for item in items:
@@ -139,7 +143,7 @@ class Projector:
             key = (grad.shape, grad.dtype, state["side"], *counters)
             groups.setdefault(key, []).append(item)
         for (shape, dtype, *_), group in groups.items():
-            size = max(1, BATCH_RUN_BYTES // self.run_item_bytes(tuple(shape), dtype))
+            size = max(1, self.run_budget() // self.run_item_bytes(tuple(shape), dtype))
             for start in range(0, len(group), size):
                 yield group[start : start + size]
 
@@ -147,16 +151,20 @@ class Projector:
         """A tensor's share of its batched run's temporaries (each batching projector's own)."""
         raise NotImplementedError
 
+    def run_budget(self) -> int:
+        """Bytes of temporaries a batched run may hold: BATCH_RUN_BYTES x `run_budget_scale`."""
+        return BATCH_RUN_BYTES * self.run_budget_scale
+
     def run_temporary_bytes(self, shapes: list[tuple[int, int]], dtype: torch.dtype) -> int:
         """The most one batched run of tensors of these shapes holds at once (the planner's
-        step phase): `runs`' sizing, the items of a shape up to BATCH_RUN_BYTES (at least one)
+        step phase): `runs`' sizing, the items of a shape up to `run_budget()` (at least one)
         x `run_item_bytes`; 0 for a projector that steps one tensor at a time."""
         if type(self).run_item_bytes is Projector.run_item_bytes:
             return 0
         out = 0
         for shape in set(shapes):
             item = self.run_item_bytes(shape, dtype)
-            per_run = max(1, BATCH_RUN_BYTES // item)
+            per_run = max(1, self.run_budget() // item)
             out = max(out, min(shapes.count(shape), per_run) * item)
         return out
 

@@ -77,6 +77,7 @@ class Flora(Projector):
     """Adafactor with a momentum compressed by seeded Gaussian projections, moved at resamples."""
 
     reads_weight = True  # the update is scaled by max(1e-3, RMS(W))
+    run_budget_scale = 4  # its runs stack full-size tensors (base.Projector)
 
     name = "flora"
     decay_after_update = False  # Adafactor decays the weight before the update

@@ -91,6 +91,7 @@ class GradNormLoRP(SVDProjector):
     """Reconstructed: GaLore's Adam on each weight row's direction, a small Adam on its norm."""
 
     reads_weight = True  # W = g v / ||v||: the step works on the normalised weight
+    run_budget_scale = 4  # its runs stack full-size tensors (base.Projector)
 
     name = "gradnormlorp"
 
