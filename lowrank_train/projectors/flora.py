@@ -68,8 +68,11 @@ PARAM_SCALE_FLOOR = 1e-3  # Adafactor's eps2: the relative step of a weight near
 
 
 def rms(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """RMS(x), accumulated in `dtype` without an upcast copy of x."""
-    return torch.linalg.vector_norm(x, dtype=dtype) / x.numel() ** 0.5
+    """RMS of each matrix of x (its last two dims; a stack gives one a matrix), accumulated
+    in `dtype` without an upcast copy of x."""
+    return (
+        torch.linalg.vector_norm(x, dim=(-2, -1), dtype=dtype) / (x.shape[-2] * x.shape[-1]) ** 0.5
+    )
 
 
 @PROJECTORS.register
@@ -187,8 +190,7 @@ class Flora(Projector):
         if b1 > 0:
             self.momentum_(u, states, step, hp, dtype)
         o = u
-        rms_o = torch.linalg.vector_norm(o, dim=(-2, -1), dtype=dtype) / (m * n) ** 0.5
-        k = o_.scale / torch.clamp(rms_o / o_.clip, min=1.0)
+        k = o_.scale / torch.clamp(rms(o, dtype) / o_.clip, min=1.0)
         if o_.scale_parameter:
             rms_w = torch.stack(torch._foreach_norm(params, 2, dtype=dtype)) / (m * n) ** 0.5
             factor = torch.clamp(rms_w, min=PARAM_SCALE_FLOOR)
