@@ -206,6 +206,13 @@ def test_int8_sr_update_matches_reference_in_distribution():
     )
     assert torch.equal(s_k, s_r)  # the new scales are deterministic
     assert (c_k.int() - c_r.int()).abs().max() <= 1  # the codes differ only in the random bit
+    again = rounding.int8_sr_update(  # reproducible by seed (four elements a Philox draw)
+        codes.clone(), scales.clone(), update, lr=lr, wd=wd, seed=3, group_size=64
+    )[0]
+    other = rounding.int8_sr_update(
+        codes.clone(), scales.clone(), update, lr=lr, wd=wd, seed=4, group_size=64
+    )[0]
+    assert torch.equal(c_k, again) and not torch.equal(c_k, other)
     # unbiased: 200 copies of W in one call draw independent bits (distinct Philox counters);
     # their average -> deq(W) - lr (update + wd deq(W))
     trials = 200
