@@ -120,6 +120,14 @@ def _dq_matmul_kernel(
     SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R  # a tile's extent along W's rows (k)
     ALIGNED: tl.constexpr = ROW_ALIGNED and (G % SPAN == 0)
     NUM_GROUPS = tl.cdiv(J * R, G)
+    # 4-bit codes in aligned tiles: a byte's two nibbles are consecutive k of one W row, so the
+    # byte tile is loaded contiguously once and its nibbles feed two dots (`_pairs_step`)
+    PAIRS: tl.constexpr = FMT != 0 and ALIGNED
+    if PAIRS:
+        return _dq4_pairs(
+            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
+            G, FMT, TRANS, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
+        )  # fmt: skip
     if SWAP:
         acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
     else:
@@ -179,12 +187,21 @@ def _dq_matmul_kernel(
                 acc += tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a))
             else:
                 acc += tl.dot(a, w.to(a.dtype))
+    _store_out(out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
+
+
+@triton.jit
+def _store_out(
+    out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST: tl.constexpr, SWAP: tl.constexpr
+):
+    """The fp32 tile into the output, in its dtype: (BLOCK_M, BLOCK_J), or its transpose
+    (BLOCK_J, BLOCK_M) under SWAP, stored through transposed pointers (no data movement)."""
     if SWAP:
         o_ptr = out_ptr + offs_m[None, :] * stride_om + offs_j[:, None]
-        o_ok = m_ok[None, :] & j_ok[:, None]
+        o_ok = (offs_m < M)[None, :] & (offs_j < J)[:, None]
     else:
         o_ptr = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :]
-        o_ok = m_ok[:, None] & j_ok[None, :]
+        o_ok = (offs_m < M)[:, None] & (offs_j < J)[None, :]
     if UPCAST and out_ptr.dtype.element_ty == tl.bfloat16:
         # round to nearest even on the bits: the interpreter's cast truncates (GPUs round)
         bits = acc.to(tl.uint32, bitcast=True)
@@ -192,6 +209,87 @@ def _dq_matmul_kernel(
         tl.store(o_ptr, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=o_ok)
     else:
         tl.store(o_ptr, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+@triton.jit
+def _dot(acc, x, y, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """acc + x @ y (SWAP: acc + (x @ y)^T = acc + y^T x^T, the dequantized tile y first), bf16
+    operands and fp32 accumulation; UPCAST (the interpreter, whose bf16 dots are wrong) in
+    fp32."""
+    if UPCAST:
+        x, y = x.to(tl.float32), y.to(tl.float32)
+        if SWAP:
+            return acc + tl.dot(tl.trans(y), tl.trans(x), input_precision="ieee")
+        return acc + tl.dot(x, y, input_precision="ieee")
+    y = y.to(x.dtype)
+    if SWAP:
+        return acc + tl.dot(tl.trans(y), tl.trans(x))
+    return acc + tl.dot(x, y)
+
+
+@triton.jit
+def _dq4_pairs(
+    a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
+    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    """The 4-bit kernel's aligned case (K a multiple of the group, a tile inside one group along
+    W's rows). Byte b of W row n holds k = 2b (low nibble) and 2b + 1 (high). The byte tile is
+    loaded contiguously (half the tile's elements, each byte once; the general path reads each
+    byte twice, at stride-2 addresses) and split into its even-k and odd-k nibble tiles:
+      forward (r = k): y += x_even lo + x_odd hi, the activation tile split in registers;
+      backward (TRANS, j = k): y_even += g lo, y_odd += g hi, interleaved at the store.
+    One scale a W row of the tile (the group), as the general path's ALIGNED case."""
+    HALF_R: tl.constexpr = BLOCK_R // 2 if not TRANS else BLOCK_R
+    HALF_J: tl.constexpr = BLOCK_J // 2 if TRANS else BLOCK_J
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    m_ok = offs_m < M
+    if SWAP:
+        acc_lo = tl.zeros((HALF_J, BLOCK_M), dtype=tl.float32)
+    else:
+        acc_lo = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
+    acc_hi = tl.zeros_like(acc_lo)  # TRANS: the odd output columns
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
+            mask=m_ok[:, None] & (offs_r < R)[None, :],
+            other=0.0,
+        )
+        if TRANS:  # W~[j, r] = W[n = r, k = j]: bytes run along j
+            rows = offs_r
+            cols = pid_j * HALF_J + tl.arange(0, HALF_J)  # byte index within W row n = r
+            byte_ptr = q_ptr + rows[:, None] * (K // 2) + cols[None, :]
+            ok = (rows < R)[:, None] & (cols * 2 < J)[None, :]
+            first = rows * K + pid_j * BLOCK_J  # the tile's first flat index in each W row
+            s = tl.load(s_ptr + first // G, mask=rows < R, other=0.0)[:, None]
+        else:  # W~[j, r] = W[n = j, k = r]: bytes run along r
+            rows = r0 // 2 + tl.arange(0, HALF_R)  # byte index within W row n = j
+            byte_ptr = q_ptr + offs_j[None, :] * (K // 2) + rows[:, None]
+            ok = (rows * 2 < R)[:, None] & (offs_j < J)[None, :]
+            s = tl.load(s_ptr + (offs_j * K + r0) // G, mask=offs_j < J, other=0.0)[None, :]
+        byte = tl.load(byte_ptr, mask=ok, other=0).to(tl.int32)
+        if FMT == 1:
+            lo, hi = ((byte & 0xF) - 8).to(tl.float32), ((byte >> 4) - 8).to(tl.float32)
+        else:
+            lo, hi = nf4_value(byte & 0xF), nf4_value(byte >> 4)
+        lo, hi = lo * s, hi * s
+        if TRANS:
+            acc_lo = _dot(acc_lo, a, lo, UPCAST, SWAP)
+            acc_hi = _dot(acc_hi, a, hi, UPCAST, SWAP)
+        else:
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, HALF_R, 2)))
+            acc_lo = _dot(acc_lo, a_even, lo, UPCAST, SWAP)
+            acc_lo = _dot(acc_lo, a_odd, hi, UPCAST, SWAP)
+    if TRANS:  # columns k = 2b, 2b + 1 of the output: the halves interleaved along j
+        if SWAP:
+            acc_lo, acc_hi = tl.trans(acc_lo), tl.trans(acc_hi)
+        _store_out(
+            out_ptr, tl.interleave(acc_lo, acc_hi), offs_m, offs_j, M, J, stride_om, UPCAST, False
+        )
+    else:
+        _store_out(out_ptr, acc_lo, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
 
 
 def _span(config: triton.Config, trans: bool) -> int:

@@ -240,6 +240,7 @@ MATMUL_CASES = [  # (M, N, K, group): odd sizes, a dimension of 1, groups crossi
     (1, 431, 64, 64),
     (17, 64, 256, 16),
     (5, 33, 128, 128),
+    (20, 40, 128, 64),  # 16 rows or more: the unswapped tiles, aligned (the 4-bit pair path)
 ]
 # Against float64 dequantize-then-matmul. The bf16 output alone costs ~55 dB (8 significant bits,
 # measured 55.3 on the interpreter); 45 dB leaves 10 dB for the GPU's bf16 operand rounding, and a

@@ -122,6 +122,7 @@ def compile_all(full: bool) -> list[dict]:
         (1, True, False, 256, False),
         (2, False, False, 256, True),
         (2, True, True, 64, False),
+        (1, False, True, 256, False),  # the 4-bit pair path, forward (TRANS: the row above)
     ]
     if full:
         variants = [
@@ -166,7 +167,7 @@ def _run_child(full: bool) -> list[dict]:
 
 def test_kernels_compile_for_sm89():
     rows = _run_child(full=False)
-    assert len(rows) == 8 + 2 + 3 + 4
+    assert len(rows) == 8 + 2 + 3 + 5
     for row in rows:
         print(row)
         assert row["shared"] <= SM89_SHARED_BYTES, row
