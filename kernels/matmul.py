@@ -112,22 +112,38 @@ def _dq_matmul_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_j = (pid % per_group) // group_rows
 
+    # a tile along r never crosses a group: one scale per tile row (TRANS: per tile column)
+    SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R  # a tile's extent along W's rows (k)
+    ALIGNED: tl.constexpr = ROW_ALIGNED and (G % SPAN == 0)
+    # 4-bit codes in aligned tiles: a byte's two nibbles are consecutive k of one W row, so the
+    # byte tile is loaded contiguously once and its nibbles feed two dots (`_dq4_pairs`)
+    if FMT != 0 and ALIGNED:
+        _dq4_pairs(
+            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
+            G, FMT, TRANS, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
+        )  # fmt: skip
+    else:
+        _dq_general(
+            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
+            G, FMT, TRANS, ALIGNED, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dq_general(
+    a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
+    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr, ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    """Every format and scale layout: a tile of codes dequantized element by element (the
+    module docstring's three scale cases), then one dot a K-step."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_ok = offs_m < M
     j_ok = offs_j < J
-    # a tile along r never crosses a group: one scale per tile row (TRANS: per tile column)
-    SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R  # a tile's extent along W's rows (k)
-    ALIGNED: tl.constexpr = ROW_ALIGNED and (G % SPAN == 0)
+    SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R
     NUM_GROUPS = tl.cdiv(J * R, G)
-    # 4-bit codes in aligned tiles: a byte's two nibbles are consecutive k of one W row, so the
-    # byte tile is loaded contiguously once and its nibbles feed two dots (`_pairs_step`)
-    PAIRS: tl.constexpr = FMT != 0 and ALIGNED
-    if PAIRS:
-        return _dq4_pairs(
-            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
-            G, FMT, TRANS, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
-        )  # fmt: skip
     if SWAP:
         acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
     else:
@@ -216,15 +232,20 @@ def _dot(acc, x, y, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """acc + x @ y (SWAP: acc + (x @ y)^T = acc + y^T x^T, the dequantized tile y first), bf16
     operands and fp32 accumulation; UPCAST (the interpreter, whose bf16 dots are wrong) in
     fp32."""
+    # no early returns: Triton compiles the code after a constexpr branch's return too
     if UPCAST:
-        x, y = x.to(tl.float32), y.to(tl.float32)
         if SWAP:
-            return acc + tl.dot(tl.trans(y), tl.trans(x), input_precision="ieee")
-        return acc + tl.dot(x, y, input_precision="ieee")
-    y = y.to(x.dtype)
-    if SWAP:
-        return acc + tl.dot(tl.trans(y), tl.trans(x))
-    return acc + tl.dot(x, y)
+            out = tl.dot(
+                tl.trans(y.to(tl.float32)), tl.trans(x.to(tl.float32)), input_precision="ieee"
+            )
+        else:
+            out = tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+    else:
+        if SWAP:
+            out = tl.dot(tl.trans(y.to(x.dtype)), tl.trans(x))
+        else:
+            out = tl.dot(x, y.to(x.dtype))
+    return acc + out
 
 
 @triton.jit
