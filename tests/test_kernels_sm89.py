@@ -126,6 +126,7 @@ def compile_all(full: bool) -> list[dict]:
         (2, False, False, 256, True),
         (2, True, True, 64, False),
         (1, False, True, 256, False),  # the 4-bit pair path, forward (TRANS: the row above)
+        (1, True, True, 64, True),  # ...swapped: the tile layouts the unswapped ones do not try
     ]
     if full:
         variants = [
@@ -170,7 +171,7 @@ def _run_child(full: bool) -> list[dict]:
 
 def test_kernels_compile_for_sm89():
     rows = _run_child(full=False)
-    assert len(rows) == 8 + 2 + 5 + 5
+    assert len(rows) == 8 + 2 + 5 + 6
     for row in rows:
         print(row)
         assert row["shared"] <= SM89_SHARED_BYTES, row
