@@ -136,8 +136,8 @@ def _dq_general(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_R: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
-    """Every format and scale layout: a tile of codes dequantized element by element (the
-    module docstring's three scale cases), then one dot a K-step."""
+    """INT8, and 4-bit codes outside the aligned case: a tile of codes dequantized element by
+    element (the module docstring's three scale cases), then one dot a K-step."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_ok = offs_m < M
@@ -193,16 +193,7 @@ def _dq_general(
         # operand, which Hopper's wgmma may read from registers (the second must sit in shared
         # memory, where the pipelined activations already are); without SWAP the tile is
         # written to shared memory first. The autotuner picks.
-        if UPCAST:  # the interpreter computes bf16 dots wrongly (environment.md section 3)
-            if SWAP:
-                acc += tl.dot(tl.trans(w), tl.trans(a.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-        else:
-            if SWAP:
-                acc += tl.dot(tl.trans(w.to(a.dtype)), tl.trans(a))
-            else:
-                acc += tl.dot(a, w.to(a.dtype))
+        acc = _dot(acc, a, w, UPCAST, SWAP)
     _store_out(out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
 
 

@@ -2,8 +2,7 @@
 parameterizations' custom ops and of the projected optimizer's step.
 
 Inside a custom op (and in the eager optimizer step), inductor's pad_mm pass cannot reach a
-matmul, and cuBLAS sends an operand
-whose rows are not 16-byte aligned (llama_1b's 5461-wide MLP) to slow legacy kernels: on the
+matmul, and cuBLAS sends an operand whose rows are not 16-byte aligned (llama_1b's 5461-wide MLP) to slow legacy kernels: on the
 H200 a bf16 linear of 2048 x 5461 at 8192 tokens took 1.48 ms, against 0.38 ms for 4096 x 4096
 with 1.5x its FLOPs (bench_kernels, 2026-12-01), and the 1B int8 profile spent 95 ms a step in
 sm75-era kernels. `mm` zero-pads the contraction and output dimensions to a multiple of
@@ -54,11 +53,11 @@ def addmm(
     pad: bool | None = None,
     beta: float = 1.0,
 ) -> Tensor:
-    """beta base + alpha a @ b (into base when `inplace`): torch's addmm, one GEMM accumulating onto
-    base, unless `pad` (default: on CUDA) and base or an operand is misaligned; then the padded `mm` and one add
-    (an extra pass over base, and the product rounded to base's dtype before the add, against
-    a cuBLAS fallback kernel 5-9x slower: llama_1b's 2048 x 5461 down_proj, optimizer step
-    profile, H200, 2026-12-02)."""
+    """beta base + alpha a @ b (into base when `inplace`): torch's addmm, one GEMM accumulating
+    onto base, unless `pad` (default: on CUDA) and base or an operand is misaligned. Then the
+    padded `mm` and one add: an extra pass over base, and the product rounded to base's dtype
+    before the add, against a cuBLAS fallback kernel 5-9x slower (llama_1b's 2048 x 5461
+    down_proj, optimizer step profile, H200, 2026-12-02)."""
     if pad is None:
         pad = base.is_cuda
     if not pad or (

@@ -52,8 +52,8 @@ def test_a_group_stepped_together_equals_each_tensor_stepped_alone(
     monkeypatch, method, state_dtype, small_runs
 ):
     """Six steps through two refreshes: each tensor of the group equals, bitwise, the same
-    tensor stepped by an optimizer of its own through `update_`; one tensor joins a step late (its c_t and
-    limiter lag the others': a run of its own)."""
+    tensor stepped by an optimizer of its own through `update_`; one tensor joins a step late
+    (its c_t and limiter lag the others': a run of its own)."""
     if small_runs:  # the budget of a run fits two of these tensors, not three
         cls = PROJECTORS.get(method)
         item = cls(cls.Config(**CASES[method])).run_item_bytes((24, 16), torch.float32)

@@ -42,8 +42,8 @@ RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 
 
 def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
-    """||X_i|| over the D channels of a low-rank (or m x n) tensor, shaped to broadcast over the m x n
-    gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
+    """||X_i|| over the D channels of a low-rank (or m x n) tensor, shaped to broadcast over
+    the m x n gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
     the left; a stack of them (b, ...) gives (b, m, 1) or (b, 1, n)."""
     dim = -1 if side == "right" else -2
     return torch.linalg.vector_norm(low, dim=dim, keepdim=True, dtype=dtype)  # no upcast copy
@@ -118,7 +118,7 @@ class Fira(SVDProjector):
         """a_s S + alpha back(N) (the paper: alpha (back(N) + S)), onto S by one GEMM."""
         _, a_s = self.placement()
         [e], [k] = self.limited_residuals(low_update[None], low_grad[None], [grad], [state])
-        limited = e.mul_(k * a_s if a_s != 1.0 else k)
+        limited = e.mul_(k * a_s)
         return self.add_back(limited, low_update, state, self.options.scale, inplace=True)
 
     def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
