@@ -94,6 +94,7 @@ def ours(case: dict) -> dict:
     out["refresh_s"] = [r["seconds"] for r in refreshes[1:]]
     out["peak_gib"] = max(m["peak_gib"] for m in windows)
     out["peak_alloc_gib"] = max(m["peak_alloc_gib"] for m in windows)
+    out["alloc_retries"] = windows[-1].get("alloc_retries")
     return out
 
 

@@ -273,6 +273,7 @@ def our_run(case: dict) -> dict:
     )
     out["peak_gib"] = max(m["peak_gib"] for m in train_lines)
     out["peak_alloc_gib"] = max((m["peak_alloc_gib"] or 0) for m in train_lines) or None
+    out["alloc_retries"] = train_lines[-1].get("alloc_retries")
     out["params"] = sum(p.numel() for p in result.model.parameters())
     out["targeted_stored_gib"] = sum(sum(m.stored_bytes().values()) for m in layers) / GIB
     out["final_loss"] = train_lines[-1]["loss"]
@@ -344,6 +345,7 @@ def cuda_peaks() -> dict:
     return {
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
     }
 
 

@@ -59,6 +59,14 @@ class MemoryMonitor:
                 "peak_gib": (reserved + self.context_bytes) / GIB,
                 "peak_alloc_gib": torch.cuda.max_memory_allocated(self.device) / GIB,
                 "peak_reserved_gib": reserved / GIB,
+                # cache flushes to satisfy an allocation: each one synchronizes and frees
+                # every cached block, the cost of running close to the cap
+                "alloc_retries": torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0),
             }
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        return {"peak_gib": rss / GIB, "peak_alloc_gib": None, "peak_reserved_gib": None}
+        return {
+            "peak_gib": rss / GIB,
+            "peak_alloc_gib": None,
+            "peak_reserved_gib": None,
+            "alloc_retries": None,
+        }

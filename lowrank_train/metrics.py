@@ -53,7 +53,8 @@ class Metrics:
         self.file.flush()
 
     def train(self, record: dict, eta_s: float) -> None:
-        """record: step, tokens, loss, lr, grad_norm, step_s, tok_s, peak_gib, peak_alloc_gib, peak_reserved_gib."""
+        """record: step, tokens, loss, lr, grad_norm, step_s, tok_s, peak_gib, peak_alloc_gib, peak_reserved_gib,
+        alloc_retries."""
         record = {**record, "time": time.time()}
         self._write(record)
         if not self.enabled:
