@@ -1,0 +1,37 @@
+"""The Rayleigh-Ritz step of the fast refresh on a GPU, where it takes cuSOLVER's batched gesvda
+(`projectors/subspace.py`; the CPU takes the Gram's eigh, tested on the CPU by the projector tests):
+against a float64 SVD on the CPU of the same small matrix Q^T A. Skipped without CUDA.
+
+Tolerances: the matrices have a spectral gap at the rank (s_r / s_{r+1} = 10), so the top-r
+subspace is well defined and fp32 finds it to ~1e-5 (Davis-Kahan: error ~ eps ||A|| / gap);
+1e-3 on the projector's Frobenius distance leaves margin for gesvda's Gram-based accuracy."""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU (the gesvda path)", allow_module_level=True)
+
+from lowrank_train.projectors import subspace  # noqa: E402
+
+
+def gapped(batch: int, d: int, big: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch, d, big) with singular values 1..0.5 on the top r, then 0.05..0.001."""
+    u = torch.linalg.qr(torch.randn(batch, d, d, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(batch, big, d, generator=gen, dtype=torch.float64))[0]
+    s = torch.cat([torch.linspace(1, 0.5, rank), torch.logspace(-1.3, -3, d - rank)])
+    return (u * s.double()) @ v.mT
+
+
+@pytest.mark.parametrize("batch, d, big, width, rank", [(3, 96, 200, 40, 24), (1, 64, 64, 30, 16)])
+def test_gesvda_ritz_matches_float64(batch, d, big, width, rank):
+    gen = torch.Generator().manual_seed(0)
+    a = gapped(batch, d, big, rank, gen)
+    q = torch.linalg.qr(a @ torch.randn(big, width, generator=gen).double())[0]
+    got = subspace._rayleigh_ritz(a.float().cuda(), q.float().cuda(), rank).double().cpu()
+    u = torch.linalg.svd(q.mT @ a, full_matrices=False)[0][..., :rank]
+    want = q @ u
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert (got.mT @ got - eye).norm(dim=(-2, -1)).max() < 1e-4
+    distance = (got @ got.mT - want @ want.mT).norm(dim=(-2, -1)).max()
+    assert distance < 1e-3, distance
