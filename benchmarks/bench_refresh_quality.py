@@ -26,6 +26,22 @@ from harness import result_line, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def overrides(name: str, out_dir: Path, steps: int, extra: list[str], finder: str) -> list[str]:
+    """The run file's overrides: `steps` steps (a run file may budget tokens instead), the
+    end-of-run validation only, no checkpoints, then the user's, then the finder."""
+    return [
+        f"name={name}",
+        f"out_dir={out_dir}",
+        "train.tokens=0",
+        f"train.steps={steps}",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "checkpoint.at_end=false",
+        *extra,
+        f"optim.projector.svd={finder}",
+    ]
+
+
 def run(config: Path, finder: str, steps: int, extra: list[str], out_dir: Path) -> dict:
     """Train once with `svd=finder`; the summary and the resolved config (a run already
     finished keeps its result, so a killed call resumes where it stopped)."""
@@ -38,14 +54,7 @@ def run(config: Path, finder: str, steps: int, extra: list[str], out_dir: Path) 
         str(config),
         "--samples",
         "0",
-        f"name={name}",
-        f"out_dir={out_dir}",
-        f"train.steps={steps}",
-        "eval.every=0",
-        "checkpoint.every=0",
-        "checkpoint.at_end=false",
-        *extra,
-        f"optim.projector.svd={finder}",
+        *overrides(name, out_dir, steps, extra, finder),
     ]
     done = out_dir / name / "summary.json"
     if not done.exists():

@@ -324,3 +324,24 @@ def test_the_refresh_stage_split_names_the_finders_parts():
     for family in ("products", "cholesky", "triangular_solve", "eigh", "total"):
         assert parts[family] > 0, family
     assert "householder_qr" not in parts  # a well-conditioned batch never falls back
+
+
+@pytest.mark.parametrize(
+    "run_file",
+    sorted((Path(__file__).resolve().parents[1] / "configs" / "runs").glob("*_60m.yaml")),
+)
+def test_refresh_quality_overrides_are_a_valid_run_of_every_60m_projector_file(run_file, tmp_path):
+    """bench_refresh_quality's overrides on each 60M run file load (a run file that budgets
+    train.tokens once made every call exit 2 before training)."""
+    import bench_refresh_quality
+
+    from lowrank_train.resolve import load_run
+
+    cfg, _ = load_run(run_file, [])
+    if cfg.optim.projector.name not in ("galore", "qgalore", "fira", "gradnormlorp"):
+        pytest.skip(f"projector {cfg.optim.projector.name} has no SVD finder")
+    for finder in ("exact", "fast"):
+        args = bench_refresh_quality.overrides("q", tmp_path, 20, [], finder)
+        cfg, _ = load_run(run_file, args)
+        assert (cfg.train.steps, cfg.train.tokens) == (20, 0)
+        assert cfg.optim.projector.method.svd == finder
