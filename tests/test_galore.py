@@ -250,3 +250,39 @@ def test_orthonormal_in_a_batch_gives_each_matrix_what_it_gets_alone():
     batched = orthonormal(ys)
     for y, q in zip(ys, batched, strict=True):
         torch.testing.assert_close(q, orthonormal(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_cholesky_failure_inside_the_fast_finder_redoes_only_that_matrix(monkeypatch, warm):
+    """The fast finders defer CholeskyQR's failure check to one per call: a matrix whose
+    Cholesky fails in the batch (forced here on matrix 1) is found again from the same draws
+    with the Householder fallback, and every matrix ends where it ends alone."""
+    from lowrank_train.projectors import subspace
+
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(3, 40, 96, generator=gen)
+    previous = torch.linalg.qr(torch.randn(3, 40, 8, generator=gen))[0] if warm else None
+
+    def gens():
+        return [torch.Generator().manual_seed(10 + i) for i in range(3)]
+
+    def alone(i):
+        prev = previous[i] if warm else None
+        return subspace.svd_basis(grads[i], "left", 8, "fast", prev, gens()[i])
+
+    want = [alone(i) for i in range(3)]
+    real, forced = torch.linalg.cholesky_ex, []
+
+    def failing(a, upper=False):
+        r, info = real(a, upper=upper)
+        if a.ndim == 3 and a.shape[0] == 3:
+            forced.append(1)
+            info = info.clone()
+            info[1] = 1
+        return r, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    got = subspace.svd_basis(grads, "left", 8, "fast", previous, gens())
+    assert forced and torch.isfinite(got).all()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)

@@ -57,27 +57,36 @@ def _rayleigh_ritz(a: Tensor, q: Tensor, rank: int) -> Tensor:
 
 
 def orthonormal(y: Tensor) -> Tensor:
-    """An orthonormal basis of span(Y), Y (..., d, w) with w <= d: shifted CholeskyQR3 (Fukaya
-    et al. 2020). Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift in the first), so the
-    span never changes, only the conditioning: the shifted pass brings any Y with condition
-    number below about 1 / eps into CholeskyQR2's range, and two plain passes make Q orthonormal
-    to working precision. A w x w Gram, a Cholesky and a triangular solve per pass, where a
+    """An orthonormal basis of span(Y), Y (..., d, w) with w <= d: shifted CholeskyQR3
+    (`cholesky_qr3`), and for a matrix whose Cholesky fails a Householder QR, alone, so a batch
+    gives each matrix what it gets by itself. One host sync (the failure check)."""
+    q, failed = cholesky_qr3(y)
+    if bool(failed.any()):
+        return _householder_where(y, failed)
+    return q
+
+
+def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q, failed): shifted CholeskyQR3 (Fukaya et al. 2020) of Y (..., d, w), without a host
+    sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift in the first), so the span
+    never changes, only the conditioning: the shifted pass brings any Y with condition number
+    below about 1 / eps into CholeskyQR2's range, and two plain passes make Q orthonormal to
+    working precision. A w x w Gram, a Cholesky and a triangular solve per pass, where a
     Householder QR of the tall d x w matrix is latency-bound on a GPU (it was most of a refresh
-    at 1B). A matrix whose Cholesky still fails gets a Householder QR, alone, so a batch gives
-    each matrix what it gets by itself."""
+    at 1B). `failed` (...) flags the matrices whose Cholesky failed in some pass; their Q is
+    zero (never NaN, so the finders' later factorizations of a batch cannot raise)."""
     d, w = y.shape[-2:]
     unit = torch.finfo(y.dtype).eps / 2
     shift = 11 * (d * w + w * (w + 1)) * unit * y.square().sum(dim=(-2, -1), keepdim=True)
     eye = torch.eye(w, dtype=y.dtype, device=y.device)
-    q = y
+    q, failed = y, torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
     for shifted in (True, False, False):
         gram = q.mT @ q + (shift * eye if shifted else 0)
         r, info = torch.linalg.cholesky_ex(gram, upper=True)
-        bad = info != 0
-        if bool(bad.any()):  # one host sync per pass, at refreshes only
-            return _householder_where(y, bad)
+        failed = failed | (info != 0)
         q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
-    return q
+        q = torch.where(failed[..., None, None], 0.0, q)
+    return q, failed
 
 
 def _householder_where(y: Tensor, bad: Tensor) -> Tensor:
@@ -93,6 +102,20 @@ def _householder_where(y: Tensor, bad: Tensor) -> Tensor:
     return out
 
 
+class _Deferred:
+    """An orthonormalizer for the finders that never syncs: CholeskyQR3 failures are collected
+    in `failed`, for the caller to check once per finder call (a check a pass cost a warm
+    refresh at 1B 15 host round trips per batch)."""
+
+    def __init__(self):
+        self.failed: Tensor | None = None
+
+    def __call__(self, y: Tensor) -> Tensor:
+        q, failed = cholesky_qr3(y)
+        self.failed = failed if self.failed is None else self.failed | failed
+        return q
+
+
 def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> Tensor:
     """One (rows, cols) N(0, 1) draw per generator (on the CPU: device-independent), stacked
     to like's batch shape."""
@@ -101,31 +124,27 @@ def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> T
     return out.to(like.device, like.dtype)
 
 
-def randomized_basis(a: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
+def randomized_basis(a: Tensor, rank: int, omega: Tensor, orth=orthonormal) -> Tensor:
     """Halko-Martinsson-Tropp range finder: Y = (A A^T)^q A Omega, orthonormalized after every
-    product."""
-    d, big = a.shape[-2:]
-    q = orthonormal(a @ _draws(gens, big, min(d, rank + OVERSAMPLE), a))
-    return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS), rank)
+    product; Omega (..., D, w) Gaussian."""
+    q = orth(a @ omega)
+    return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS, orth), rank)
 
 
-def _power_iterations(a: Tensor, q: Tensor, count: int) -> Tensor:
+def _power_iterations(a: Tensor, q: Tensor, count: int, orth) -> Tensor:
     """Q <- orth(A orth(A^T Q)), `count` times: each product orthonormalized on its own, so a
     factor's condition number grows by s_1 / s_w, not its square."""
     for _ in range(count):
-        q = orthonormal(a @ orthonormal(a.mT @ q))
+        q = orth(a @ orth(a.mT @ q))
     return q
 
 
-def warm_basis(a: Tensor, previous: Tensor, rank: int, gens: list[torch.Generator]) -> Tensor:
-    """Subspace iteration started from the previous basis (plus a few random columns, so a
-    direction that entered the top r since the last refresh is found), then Rayleigh-Ritz."""
-    d = a.shape[-2]
-    extra = min(OVERSAMPLE, d - rank)
-    start = previous.to(a.dtype)
-    if extra > 0:
-        start = torch.cat([start, _draws(gens, d, extra, a)], dim=-1)
-    return _rayleigh_ritz(a, _power_iterations(a, orthonormal(start), WARM_ITERATIONS), rank)
+def warm_basis(a: Tensor, previous: Tensor, rank: int, extra: Tensor, orth=orthonormal) -> Tensor:
+    """Subspace iteration started from the previous basis plus the Gaussian columns `extra`
+    (..., d, k) (so a direction that entered the top r since the last refresh is found), then
+    Rayleigh-Ritz."""
+    start = torch.cat([previous.to(a.dtype), extra], dim=-1)
+    return _rayleigh_ritz(a, _power_iterations(a, orth(start), WARM_ITERATIONS, orth), rank)
 
 
 def svd_basis(
@@ -138,14 +157,33 @@ def svd_basis(
 ) -> Tensor:
     """The (d, r) basis of `grad` by `method` (exact | fast); fast warm-starts from `previous`.
     Batched: grad (b, m, n), previous (b, d, r), one generator per matrix; each matrix gets
-    what it would get alone (its own draws)."""
+    what it would get alone (its own draws). The fast finders run without host syncs; a
+    matrix whose CholeskyQR failed anywhere is found again with the Householder fallback, from
+    the same draws (one sync a call)."""
     gens = gen if isinstance(gen, list) else [gen]
     a = oriented(grad, side)
-    if method == "exact" or rank + OVERSAMPLE >= a.shape[-2]:  # near full rank: exact is cheaper
+    d, big = a.shape[-2:]
+    if method == "exact" or rank + OVERSAMPLE >= d:  # near full rank: exact is cheaper
         return exact_basis(a, rank)
     if previous is None:
-        return randomized_basis(a, rank, gens)
-    return warm_basis(a, previous, rank, gens)
+        omega = _draws(gens, big, min(d, rank + OVERSAMPLE), a)
+
+        def find(rows, orth):
+            return randomized_basis(a[rows], rank, omega[rows], orth)
+    else:
+        extra = _draws(gens, d, OVERSAMPLE, a)  # d > rank + OVERSAMPLE here
+
+        def find(rows, orth):
+            return warm_basis(a[rows], previous[rows], rank, extra[rows], orth)
+
+    every = (...,)  # a[...] is a itself, batched or not
+    deferred = _Deferred()
+    basis = find(every, deferred)
+    if bool(deferred.failed.any()):
+        if a.ndim == 2:
+            return find(every, orthonormal)
+        basis[deferred.failed] = find(deferred.failed, orthonormal)
+    return basis
 
 
 def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) -> Tensor:
