@@ -131,11 +131,15 @@ def randomized_basis(a: Tensor, rank: int, omega: Tensor, orth=orthonormal) -> T
     return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS, orth), rank)
 
 
-def _power_iterations(a: Tensor, q: Tensor, count: int, orth) -> Tensor:
-    """Q <- orth(A orth(A^T Q)), `count` times: each product orthonormalized on its own, so a
-    factor's condition number grows by s_1 / s_w, not its square."""
+def _power_iterations(a: Tensor, q: Tensor, count: int, orth, inner: bool = True) -> Tensor:
+    """Q <- orth(A orth(A^T Q)), `count` times. With `inner`, each product is orthonormalized on
+    its own, so a factor's condition number grows by s_1 / s_w, not its square: the cold finder
+    needs it (Omega is arbitrary). Without, Q <- orth(A A^T Q): the same span in exact
+    arithmetic at half the CholeskyQR passes, for a Q already near the top subspace (the warm
+    start), where cond(A A^T Q) ~ (s_1 / s_w)^2 stays inside shifted CholeskyQR3's ~1 / eps; a
+    matrix past it fails its Cholesky and takes the Householder fallback."""
     for _ in range(count):
-        q = orth(a @ orth(a.mT @ q))
+        q = orth(a @ (orth(a.mT @ q) if inner else a.mT @ q))
     return q
 
 
@@ -144,7 +148,8 @@ def warm_basis(a: Tensor, previous: Tensor, rank: int, extra: Tensor, orth=ortho
     (..., d, k) (so a direction that entered the top r since the last refresh is found), then
     Rayleigh-Ritz."""
     start = torch.cat([previous.to(a.dtype), extra], dim=-1)
-    return _rayleigh_ritz(a, _power_iterations(a, orth(start), WARM_ITERATIONS, orth), rank)
+    q = _power_iterations(a, orth(start), WARM_ITERATIONS, orth, inner=False)
+    return _rayleigh_ritz(a, q, rank)
 
 
 def svd_basis(
