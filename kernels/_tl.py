@@ -4,6 +4,7 @@ exactly, so deterministic codes agree bit for bit under the interpreter."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -32,6 +33,54 @@ def nearest(v, mids_ptr, LOG2: tl.constexpr):
         mid = tl.load(mids_ptr + cand - 1)
         lo = tl.where(mid < v, cand, lo)
     return lo
+
+
+# The dynamic map's nearest code by one bucket lookup and one comparison, in place of an 8-step
+# binary search (8 dependent gathers a value, which ran the 8-bit Adam at 0.19 of copy
+# bandwidth on the H200, bench_kernels 2026-12-01). A value v with |v| <= 1 falls in a bucket
+# of its fp32 bits: |v|'s bits above 2^-24 (every midpoint is above it), shifted right by
+# BUCKET_SHIFT (7 mantissa bits left), mirrored for v < 0 so the buckets are in v's order.
+# Each bucket [L, U] holds at most one midpoint (checked where the table is built), so with
+# lo = #(midpoints < L) the code is lo + (mids[lo] < v).
+_SHIFT, _FLOOR, _ONE = 16, 0x33800000, 0x3F800000  # the fp32 bits of 2^-24 and of 1
+_BUCKETS = ((_ONE - _FLOOR) >> _SHIFT) + 1  # |v| <= 1, one side
+BUCKET_SHIFT = tl.constexpr(_SHIFT)
+BUCKET_FLOOR = tl.constexpr(_FLOOR)
+BUCKETS = tl.constexpr(_BUCKETS)
+BUCKET_TABLE = tl.constexpr(256)  # where the bucket counts start (after the mids and +inf)
+
+
+@triton.jit
+def nearest_dynamic(v, lookup_ptr):
+    """torch.bucketize(v, mids, right=False) for the 255 midpoints of the dynamic map, from
+    `lookup` = (mids, +inf, then 2 * BUCKETS bucket counts as fp32): two gathers a value."""
+    bits = v.to(tl.int32, bitcast=True)
+    k = (tl.maximum(bits & 0x7FFFFFFF, BUCKET_FLOOR) - BUCKET_FLOOR) >> BUCKET_SHIFT
+    k = tl.minimum(k, BUCKETS - 1)
+    index = tl.where(bits < 0, BUCKETS - 1 - k, BUCKETS + k)
+    lo = tl.load(lookup_ptr + BUCKET_TABLE + index).to(tl.int32)
+    return lo + (tl.load(lookup_ptr + lo) < v).to(tl.int32)
+
+
+def dynamic_lookup(mids: torch.Tensor) -> torch.Tensor:
+    """nearest_dynamic's buffer for 255 sorted fp32 midpoints: mids, +inf, then per bucket
+    (negative side first, in v's order) the count of midpoints below its smallest value."""
+
+    def as_float(bits: torch.Tensor) -> torch.Tensor:
+        return bits.to(torch.int32).view(torch.float32)
+
+    k = torch.arange(_BUCKETS, dtype=torch.int64)
+    start = _FLOOR + (k << _SHIFT)  # |v| bits where bucket k starts (k > 0)
+    end = torch.minimum(start + (1 << _SHIFT) - 1, torch.tensor(_ONE))
+    small, large = as_float(torch.where(k == 0, 0, start)), as_float(end)
+    # v >= 0: [small, large]; v < 0: [-large, -small], listed from the most negative bucket
+    lows = torch.cat([-large.flip(0), small])
+    highs = torch.cat([-small.flip(0), large])
+    below = (mids[None, :] < lows[:, None]).sum(1)
+    inside = (mids[None, :] <= highs[:, None]).sum(1) - below
+    if int(inside.max()) > 1:
+        raise AssertionError("a dynamic-map bucket holds two midpoints: lower _SHIFT")
+    return torch.cat([mids, torch.tensor([math.inf]), below.float()])
 
 
 @triton.jit
@@ -86,8 +135,8 @@ def _tables(device: str) -> dict[str, torch.Tensor]:
     return {
         "dyn_signed": R.dynamic_map(True).to(dev),
         "dyn_unsigned": R.dynamic_map(False).to(dev),
-        "dyn_signed_mids": R.dynamic_midpoints(True).to(dev),
-        "dyn_unsigned_mids": R.dynamic_midpoints(False).to(dev),
+        "dyn_signed_lookup": dynamic_lookup(R.dynamic_midpoints(True)).to(dev),
+        "dyn_unsigned_lookup": dynamic_lookup(R.dynamic_midpoints(False)).to(dev),
         "nf4": torch.tensor(R.NF4_CODE, dtype=torch.float32, device=dev),
         "nf4_mids": R.nf4_midpoints().to(dev),
     }

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._tl import nearest, store_as, tables
+from ._tl import nearest_dynamic, store_as, tables
 
 
 @triton.jit
@@ -27,9 +27,9 @@ def _adam_kernel(
     va_ptr,
     n_ptr,
     smap_ptr,
-    smids_ptr,
+    slookup_ptr,
     umap_ptr,
-    umids_ptr,
+    ulookup_ptr,
     numel,
     nblocks,
     beta1,
@@ -72,10 +72,14 @@ def _adam_kernel(
         m_ok = tl.where(m_abs > 0, m_abs, 1.0)
         v_ok = tl.where(v_abs > 0, v_abs, 1.0)
         tl.store(
-            m_ptr + offs, nearest(tl.div_rn(m, m_ok[:, None]), smids_ptr, 8).to(tl.uint8), mask=mask
+            m_ptr + offs,
+            nearest_dynamic(tl.div_rn(m, m_ok[:, None]), slookup_ptr).to(tl.uint8),
+            mask=mask,
         )
         tl.store(
-            v_ptr + offs, nearest(tl.div_rn(v, v_ok[:, None]), umids_ptr, 8).to(tl.uint8), mask=mask
+            v_ptr + offs,
+            nearest_dynamic(tl.div_rn(v, v_ok[:, None]), ulookup_ptr).to(tl.uint8),
+            mask=mask,
         )
         tl.store(ma_ptr + rows, m_abs, mask=row_ok)
         tl.store(va_ptr + rows, v_abs, mask=row_ok)
@@ -125,7 +129,7 @@ def adam_update(
         rows = C.rows_per_program(block_size)
         _adam_kernel[(triton.cdiv(nblocks, rows),)](
             grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, n,
-            t["dyn_signed"], t["dyn_signed_mids"], t["dyn_unsigned"], t["dyn_unsigned_mids"],
+            t["dyn_signed"], t["dyn_signed_lookup"], t["dyn_unsigned"], t["dyn_unsigned_lookup"],
             numel, nblocks, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
             QUANT=quant, BLOCK=block_size, ROWS=rows,
         )  # fmt: skip

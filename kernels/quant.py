@@ -17,7 +17,18 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks as C
-from ._tl import DYN, INT4, INT8, NF4, nearest, nf4_value, round_half_away, store_as, tables
+from ._tl import (
+    DYN,
+    INT4,
+    INT8,
+    NF4,
+    nearest,
+    nearest_dynamic,
+    nf4_value,
+    round_half_away,
+    store_as,
+    tables,
+)
 
 
 @triton.jit
@@ -28,6 +39,8 @@ def _codes(x, scale_ok, mids_ptr, FMT: tl.constexpr, LOG2: tl.constexpr):
         return tl.minimum(tl.maximum(round_half_away(v), -127.0), 127.0).to(tl.int32)
     elif FMT == 1:
         return tl.minimum(tl.maximum(round_half_away(v), -7.0), 7.0).to(tl.int32) + 8
+    elif FMT == 2:
+        return nearest_dynamic(v, mids_ptr)
     else:
         return nearest(v, mids_ptr, LOG2)
 
@@ -113,11 +126,12 @@ def _dequantize_kernel(
 
 
 def _table_args(fmt: int, device, signed: bool = True) -> tuple[Tensor | None, Tensor | None, int]:
-    """(table, midpoints, log2 of the table size) for a format."""
+    """(table, midpoints, log2 of the table size) for a format; the dynamic map's "midpoints"
+    are nearest_dynamic's lookup buffer (midpoints and bucket counts)."""
     t = tables(device)
     if fmt == DYN:
         key = "dyn_signed" if signed else "dyn_unsigned"
-        return t[key], t[key + "_mids"], 8
+        return t[key], t[key + "_lookup"], 8
     if fmt == NF4:
         return t["nf4"], t["nf4_mids"], 4
     return t["nf4"], t["nf4_mids"], 1  # unused by the linear formats: any valid pointer

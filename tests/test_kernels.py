@@ -54,6 +54,28 @@ EVEN_SHAPES = [(2,), (6, 42, 123), (2, 431), (3, 130)]
 # ------------------------------------------------------------------ quantize / dequantize
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_codes_at_every_midpoint_and_its_neighbours(signed):
+    """The dynamic map's bucket lookup (one gather and one comparison, _tl.nearest_dynamic)
+    equals bucketize at its hardest inputs: each midpoint, the floats either side of it, both
+    signs, the bucket floor 2^-24 and its neighbours, subnormals, +-0 and +-1. Blocks of 256
+    whose absmax is 1, so v = x exactly."""
+    mids = R.dynamic_midpoints(signed)
+    tiny = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 2.0**-24, 2.0**-25, 1.0, -1.0, 0.5, -0.5])
+    around = [mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, -mids - 1)]
+    floor = torch.tensor([2.0**-24, -(2.0**-24)])
+    around += [torch.nextafter(floor, torch.tensor(1.0)), torch.nextafter(floor, torch.zeros(2))]
+    values = torch.cat([tiny, *around])
+    values = torch.cat([values, -values])
+    pad = (-values.numel()) % 255
+    values = torch.cat([values, torch.full((pad,), 0.25)]).reshape(-1, 255)
+    x = torch.cat([values, torch.ones(values.shape[0], 1)], dim=1).flatten().to(DEV)
+    got, scales = quant.quantize_dynamic(x, signed=signed, block_size=256)
+    want, want_scales = R.quantize_dynamic(x, signed=signed, block_size=256)
+    assert torch.equal(scales, want_scales) and bool((scales == 1).all())
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("block", [16, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -81,7 +81,7 @@ def compile_all(full: bool) -> list[dict]:
             "va_ptr": "*fp32",
             "n_ptr": "*fp32",
         }
-        sig.update({f"{t}_ptr": "*fp32" for t in ("smap", "smids", "umap", "umids")})
+        sig.update({f"{t}_ptr": "*fp32" for t in ("smap", "slookup", "umap", "ulookup")})
         sig.update({"numel": "i32", "nblocks": "i32"})
         sig.update(
             {k: "fp32" for k in ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")}
