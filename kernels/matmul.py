@@ -248,20 +248,19 @@ def _dq4_pairs(
     """The 4-bit kernel's aligned case (K a multiple of the group, a tile inside one group along
     W's rows). Byte b of W row n holds k = 2b (low nibble) and 2b + 1 (high). The byte tile is
     loaded contiguously (half the tile's elements, each byte once; the general path reads each
-    byte twice, at stride-2 addresses) and split into its even-k and odd-k nibble tiles:
-      forward (r = k): y += x_even lo + x_odd hi, the activation tile split in registers;
-      backward (TRANS, j = k): y_even += g lo, y_odd += g hi, interleaved at the store.
-    One scale a W row of the tile (the group), as the general path's ALIGNED case."""
+    byte twice, at stride-2 addresses) and split into its even-k and odd-k nibble tiles, which
+    are interleaved back into the dequantized tile (along r forward, along j in the backward)
+    for one dot a K-step. One scale a W row of the tile (the group), as the general path's
+    ALIGNED case."""
     HALF_R: tl.constexpr = BLOCK_R // 2 if not TRANS else BLOCK_R
     HALF_J: tl.constexpr = BLOCK_J // 2 if TRANS else BLOCK_J
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     m_ok = offs_m < M
     if SWAP:
-        acc_lo = tl.zeros((HALF_J, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
     else:
-        acc_lo = tl.zeros((BLOCK_M, HALF_J), dtype=tl.float32)
-    acc_hi = tl.zeros_like(acc_lo)  # TRANS: the odd output columns
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         a = tl.load(
@@ -287,21 +286,15 @@ def _dq4_pairs(
         else:
             lo, hi = nf4_value(byte & 0xF), nf4_value(byte >> 4)
         lo, hi = lo * s, hi * s
-        if TRANS:
-            acc_lo = _dot(acc_lo, a, lo, UPCAST, SWAP)
-            acc_hi = _dot(acc_hi, a, hi, UPCAST, SWAP)
-        else:
-            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, HALF_R, 2)))
-            acc_lo = _dot(acc_lo, a_even, lo, UPCAST, SWAP)
-            acc_lo = _dot(acc_lo, a_odd, hi, UPCAST, SWAP)
-    if TRANS:  # columns k = 2b, 2b + 1 of the output: the halves interleaved along j
-        if SWAP:
-            acc_lo, acc_hi = tl.trans(acc_lo), tl.trans(acc_hi)
-        _store_out(
-            out_ptr, tl.interleave(acc_lo, acc_hi), offs_m, offs_j, M, J, stride_om, UPCAST, False
-        )
-    else:
-        _store_out(out_ptr, acc_lo, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
+        # the nibble tiles back in W~'s order, for one dot a K-step: a loop with two dots was
+        # compiled for sm_90 with each wgmma waited on at once and the byte load left out of
+        # the software pipeline (TTGIR, 2026-12-02)
+        if TRANS:  # k = 2b, 2b + 1 run along j
+            w = tl.interleave(lo, hi)
+        else:  # ...along r
+            w = tl.trans(tl.interleave(tl.trans(lo), tl.trans(hi)))
+        acc = _dot(acc, a, w, UPCAST, SWAP)
+    _store_out(out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
 
 
 def _span(config: triton.Config, trans: bool) -> int:
