@@ -211,3 +211,28 @@ def test_resume_through_a_lazy_refresh_is_bitwise(tiny_run):
     weight match the uninterrupted run, so the gap, queue and leading vector were restored."""
     extra = {**LAZY, "train": {"steps": 10}, "checkpoint": {"every": 6}}
     assert_resume_is_bitwise(tiny_run, extra, stop_at=6, refreshes=[1, 2, 3, 5, 9])
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_a_step_dequantizes_each_int4_basis_once(monkeypatch, per_tensor):
+    """`down` and `add_back` read one dequantized copy a tensor a step (they dequantized it
+    twice), in a batched run and in a tensor's own step (per-layer mode), with the weights
+    what the two dequantizations gave, bit for bit."""
+    from lowrank_train.projectors import qgalore
+
+    grads = gradients((24, 40), 4)
+    want, _ = run_projector("qgalore", grads, rank=4, update_gap=2)
+    calls = []
+    real = qgalore.dequantize_basis
+    monkeypatch.setattr(qgalore, "dequantize_basis", lambda *a: calls.append(a[-1]) or real(*a))
+    if per_tensor:  # update_ instead of update_many_, as per-layer mode steps a tensor
+        monkeypatch.setattr(
+            QGaLore,
+            "update_many_",
+            lambda self, items, hp: [self.update_(p, g, s, t, hp) for p, g, s, t in items],
+        )
+    got, _ = run_projector("qgalore", grads, rank=4, update_gap=2)
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g)
+    # the step's reads are in the gradient's dtype (float64 here); a refresh reads fp32
+    assert calls.count(torch.float64) == len(grads), calls

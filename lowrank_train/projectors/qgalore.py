@@ -30,6 +30,7 @@ State per tensor: the moments (LowRankAdam), `basis_codes`, `basis_scales`, `bas
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +105,52 @@ class QGaLore(SVDProjector):
         return (step - 1) % state["gap"] == 0
 
     def basis_of(self, state: State, dtype: torch.dtype) -> Tensor:
-        """The dequantized (d, r) basis, in `dtype` (every projection and update reads it)."""
+        """The dequantized (d, r) basis, in `dtype` (every projection and update reads it).
+        Inside a step it is dequantized once: `down` and `add_back` read the same copy, held
+        until its run is stepped (`_once`; keyed by the codes tensor, which a refresh
+        replaces)."""
+        held = self._once.get(id(state)) if self._once is not None else None
+        if held is not None and held[0] is state["basis_codes"] and held[1] == dtype:
+            return held[2]
         shape = (state["basis_rows"], self.options.rank)
-        return dequantize_basis(state["basis_codes"], state["basis_scales"], shape, dtype)
+        basis = dequantize_basis(state["basis_codes"], state["basis_scales"], shape, dtype)
+        if self._once is not None:
+            self._once[id(state)] = (state["basis_codes"], dtype, basis)
+        return basis
+
+    _once: dict | None = None  # id(state) -> (codes, dtype, basis) while a step runs
+
+    @contextmanager
+    def _dequantized_once(self):
+        if self._once is not None:  # already inside a step
+            yield
+            return
+        self._once = {}
+        try:
+            yield
+        finally:
+            self._once = None
+
+    def update_(self, param, grad, state, step, hp, low_grad=None) -> None:
+        with self._dequantized_once():
+            super().update_(param, grad, state, step, hp, low_grad)
+
+    def update_many_(self, items, hp) -> None:
+        with self._dequantized_once():
+            super().update_many_(items, hp)
+
+    def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
+        super().add_up_many_(params, low_update, low_grad, grads, states, alpha)
+        if self._once is not None:  # the run is stepped: its bases are not read again
+            for state in states:
+                self._once.pop(id(state), None)
+
+    def run_item_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """GaLore's share of a run plus the (d, r) basis dequantized in the gradient's dtype,
+        held from the run's `down` to its `add_back`."""
+        return (
+            super().run_item_bytes(shape, dtype) + min(shape) * self.options.rank * dtype.itemsize
+        )
 
     def previous_basis(self, state: State) -> Tensor | None:
         return self.basis_of(state, torch.float32) if "basis_codes" in state else None
