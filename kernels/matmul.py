@@ -115,86 +115,84 @@ def _dq_matmul_kernel(
     # a tile along r never crosses a group: one scale per tile row (TRANS: per tile column)
     SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R  # a tile's extent along W's rows (k)
     ALIGNED: tl.constexpr = ROW_ALIGNED and (G % SPAN == 0)
-    # 4-bit codes in aligned tiles: a byte's two nibbles are consecutive k of one W row, so the
-    # byte tile is loaded contiguously once and its nibbles feed two dots (`_dq4_pairs`)
-    if FMT != 0 and ALIGNED:
-        _dq4_pairs(
-            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
-            G, FMT, TRANS, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
-        )  # fmt: skip
-    else:
-        _dq_general(
-            a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
-            G, FMT, TRANS, ALIGNED, UPCAST, BLOCK_M, BLOCK_J, BLOCK_R, SWAP,
-        )  # fmt: skip
-
-
-@triton.jit
-def _dq_general(
-    a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
-    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr, ALIGNED: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_R: tl.constexpr, SWAP: tl.constexpr,
-):  # fmt: skip
-    """INT8, and 4-bit codes outside the aligned case: a tile of codes dequantized element by
-    element (the module docstring's three scale cases), then one dot a K-step."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    m_ok = offs_m < M
-    j_ok = offs_j < J
-    SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R
-    NUM_GROUPS = tl.cdiv(J * R, G)
     if SWAP:
         acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
         a = tl.load(
             a_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
-            mask=m_ok[:, None] & r_ok[None, :],
+            mask=(offs_m < M)[:, None] & (offs_r < R)[None, :],
             other=0.0,
         )
-        if TRANS:  # W~[j, r] = W[n = r, k = j]
-            flat = offs_r[:, None] * K + offs_j[None, :]
-        else:  # W~[j, r] = W[n = j, k = r]
-            flat = offs_j[None, :] * K + offs_r[:, None]
-        w_ok = r_ok[:, None] & j_ok[None, :]
-        if FMT == 0:
-            q = tl.load(q_ptr + flat, mask=w_ok, other=0).to(tl.float32)
+        # 4-bit codes in aligned tiles: a byte's two nibbles are consecutive k of one W row,
+        # so the byte tile is loaded contiguously once (`_pair_tile`)
+        if FMT != 0 and ALIGNED:
+            w = _pair_tile(
+                q_ptr, s_ptr, J, R, K, r0, offs_r, offs_j, pid_j,
+                G, FMT, TRANS, BLOCK_J, BLOCK_R,
+            )  # fmt: skip
         else:
-            byte = tl.load(q_ptr + flat // 2, mask=w_ok, other=0).to(tl.int32)
-            nib = (byte >> ((flat & 1) * 4)) & 0xF
-            if FMT == 1:
-                q = (nib - 8).to(tl.float32)
-            else:
-                q = nf4_value(nib)
-        # W's row n of this tile starts at flat index row_start + tile_start
-        if TRANS:
-            first = offs_r * K + pid_j * BLOCK_J  # (BLOCK_R,): scales vary along the tile's rows
-            first_ok = r_ok
-        else:
-            first = offs_j * K + r0  # (BLOCK_J,): scales vary along the tile's columns
-            first_ok = j_ok
-        if ALIGNED:  # the tile's span of each W row lies in one group
-            s = _bcast(tl.load(s_ptr + first // G, mask=first_ok, other=0.0), TRANS)
-        elif SPAN <= G:  # ...in at most two consecutive groups: two vector loads and a select
-            g0 = first // G
-            s0 = _bcast(tl.load(s_ptr + g0, mask=first_ok, other=0.0), TRANS)
-            s1 = _bcast(
-                tl.load(s_ptr + g0 + 1, mask=first_ok & (g0 + 1 < NUM_GROUPS), other=0.0), TRANS
-            )
-            s = tl.where(flat // G == _bcast(g0, TRANS), s0, s1)
-        else:  # groups smaller than the tile: a gather per element (pipelined through shared memory)
-            s = tl.load(s_ptr + flat // G, mask=w_ok, other=0.0)
-        w = q * s
+            w = _general_tile(
+                q_ptr, s_ptr, J, R, K, r0, offs_r, offs_j, pid_j,
+                G, FMT, TRANS, ALIGNED, BLOCK_J, BLOCK_R,
+            )  # fmt: skip
         # SWAP computes out^T = W~ a^T: the dequantized tile (in registers) is the dot's first
         # operand, which Hopper's wgmma may read from registers (the second must sit in shared
         # memory, where the pipelined activations already are); without SWAP the tile is
         # written to shared memory first. The autotuner picks.
         acc = _dot(acc, a, w, UPCAST, SWAP)
     _store_out(out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
+
+
+@triton.jit
+def _general_tile(
+    q_ptr, s_ptr, J, R, K, r0, offs_r, offs_j, pid_j,
+    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """W~'s (BLOCK_R, BLOCK_J) tile at r0, fp32: INT8, and 4-bit codes outside the aligned
+    case, dequantized element by element (the module docstring's three scale cases)."""
+    j_ok = offs_j < J
+    r_ok = offs_r < R
+    SPAN: tl.constexpr = BLOCK_J if TRANS else BLOCK_R
+    NUM_GROUPS = tl.cdiv(J * R, G)
+    if TRANS:  # W~[j, r] = W[n = r, k = j]
+        flat = offs_r[:, None] * K + offs_j[None, :]
+    else:  # W~[j, r] = W[n = j, k = r]
+        flat = offs_j[None, :] * K + offs_r[:, None]
+    w_ok = r_ok[:, None] & j_ok[None, :]
+    if FMT == 0:
+        q = tl.load(q_ptr + flat, mask=w_ok, other=0).to(tl.float32)
+    else:
+        byte = tl.load(q_ptr + flat // 2, mask=w_ok, other=0).to(tl.int32)
+        nib = (byte >> ((flat & 1) * 4)) & 0xF
+        if FMT == 1:
+            q = (nib - 8).to(tl.float32)
+        else:
+            q = nf4_value(nib)
+    # W's row n of this tile starts at flat index row_start + tile_start
+    if TRANS:
+        first = offs_r * K + pid_j * BLOCK_J  # (BLOCK_R,): scales vary along the tile's rows
+        first_ok = r_ok
+    else:
+        first = offs_j * K + r0  # (BLOCK_J,): scales vary along the tile's columns
+        first_ok = j_ok
+    if ALIGNED:  # the tile's span of each W row lies in one group
+        s = _bcast(tl.load(s_ptr + first // G, mask=first_ok, other=0.0), TRANS)
+    elif SPAN <= G:  # ...in at most two consecutive groups: two vector loads and a select
+        g0 = first // G
+        s0 = _bcast(tl.load(s_ptr + g0, mask=first_ok, other=0.0), TRANS)
+        s1 = _bcast(
+            tl.load(s_ptr + g0 + 1, mask=first_ok & (g0 + 1 < NUM_GROUPS), other=0.0), TRANS
+        )
+        s = tl.where(flat // G == _bcast(g0, TRANS), s0, s1)
+    else:  # groups smaller than the tile: a gather per element (pipelined through shared memory)
+        s = tl.load(s_ptr + flat // G, mask=w_ok, other=0.0)
+    return q * s
 
 
 @triton.jit
@@ -240,61 +238,44 @@ def _dot(acc, x, y, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _dq4_pairs(
-    a_ptr, q_ptr, s_ptr, out_ptr, M, J, R, K, stride_am, stride_om, pid_m, pid_j,
-    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, SWAP: tl.constexpr,
+def _pair_tile(
+    q_ptr, s_ptr, J, R, K, r0, offs_r, offs_j, pid_j,
+    G: tl.constexpr, FMT: tl.constexpr, TRANS: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """The 4-bit kernel's aligned case (K a multiple of the group, a tile inside one group along
-    W's rows). Byte b of W row n holds k = 2b (low nibble) and 2b + 1 (high). The byte tile is
-    loaded contiguously (half the tile's elements, each byte once; the general path reads each
-    byte twice, at stride-2 addresses) and split into its even-k and odd-k nibble tiles, which
-    are interleaved back into the dequantized tile (along r forward, along j in the backward)
-    for one dot a K-step. One scale a W row of the tile (the group), as the general path's
-    ALIGNED case."""
+    """W~'s (BLOCK_R, BLOCK_J) tile at r0, fp32, for 4-bit codes in the aligned case (K a
+    multiple of the group, a tile inside one group along W's rows). Byte b of W row n holds
+    k = 2b (low nibble) and 2b + 1 (high). The byte tile is loaded contiguously (half the
+    tile's elements, each byte once; the general tile reads each byte twice, at stride-2
+    addresses), split into its even-k and odd-k nibble tiles and interleaved back (along r
+    forward, along j in the backward). One scale a W row of the tile (the group)."""
     HALF_R: tl.constexpr = BLOCK_R // 2 if not TRANS else BLOCK_R
     HALF_J: tl.constexpr = BLOCK_J // 2 if TRANS else BLOCK_J
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    m_ok = offs_m < M
-    if SWAP:
-        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)
+    if TRANS:  # W~[j, r] = W[n = r, k = j]: bytes run along j
+        rows = offs_r
+        cols = pid_j * HALF_J + tl.arange(0, HALF_J)  # byte index within W row n = r
+        byte_ptr = q_ptr + rows[:, None] * (K // 2) + cols[None, :]
+        ok = (rows < R)[:, None] & (cols * 2 < J)[None, :]
+        first = rows * K + pid_j * BLOCK_J  # the tile's first flat index in each W row
+        s = tl.load(s_ptr + first // G, mask=rows < R, other=0.0)[:, None]
+    else:  # W~[j, r] = W[n = j, k = r]: bytes run along r
+        rows = r0 // 2 + tl.arange(0, HALF_R)  # byte index within W row n = j
+        byte_ptr = q_ptr + offs_j[None, :] * (K // 2) + rows[:, None]
+        ok = (rows * 2 < R)[:, None] & (offs_j < J)[None, :]
+        s = tl.load(s_ptr + (offs_j * K + r0) // G, mask=offs_j < J, other=0.0)[None, :]
+    byte = tl.load(byte_ptr, mask=ok, other=0).to(tl.int32)
+    if FMT == 1:
+        lo, hi = ((byte & 0xF) - 8).to(tl.float32), ((byte >> 4) - 8).to(tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        a = tl.load(
-            a_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
-            mask=m_ok[:, None] & (offs_r < R)[None, :],
-            other=0.0,
-        )
-        if TRANS:  # W~[j, r] = W[n = r, k = j]: bytes run along j
-            rows = offs_r
-            cols = pid_j * HALF_J + tl.arange(0, HALF_J)  # byte index within W row n = r
-            byte_ptr = q_ptr + rows[:, None] * (K // 2) + cols[None, :]
-            ok = (rows < R)[:, None] & (cols * 2 < J)[None, :]
-            first = rows * K + pid_j * BLOCK_J  # the tile's first flat index in each W row
-            s = tl.load(s_ptr + first // G, mask=rows < R, other=0.0)[:, None]
-        else:  # W~[j, r] = W[n = j, k = r]: bytes run along r
-            rows = r0 // 2 + tl.arange(0, HALF_R)  # byte index within W row n = j
-            byte_ptr = q_ptr + offs_j[None, :] * (K // 2) + rows[:, None]
-            ok = (rows * 2 < R)[:, None] & (offs_j < J)[None, :]
-            s = tl.load(s_ptr + (offs_j * K + r0) // G, mask=offs_j < J, other=0.0)[None, :]
-        byte = tl.load(byte_ptr, mask=ok, other=0).to(tl.int32)
-        if FMT == 1:
-            lo, hi = ((byte & 0xF) - 8).to(tl.float32), ((byte >> 4) - 8).to(tl.float32)
-        else:
-            lo, hi = nf4_value(byte & 0xF), nf4_value(byte >> 4)
-        lo, hi = lo * s, hi * s
-        # the nibble tiles back in W~'s order, for one dot a K-step: a loop with two dots was
-        # compiled for sm_90 with each wgmma waited on at once and the byte load left out of
-        # the software pipeline (TTGIR, 2026-12-02)
-        if TRANS:  # k = 2b, 2b + 1 run along j
-            w = tl.interleave(lo, hi)
-        else:  # ...along r
-            w = tl.trans(tl.interleave(tl.trans(lo), tl.trans(hi)))
-        acc = _dot(acc, a, w, UPCAST, SWAP)
-    _store_out(out_ptr, acc, offs_m, offs_j, M, J, stride_om, UPCAST, SWAP)
+        lo, hi = nf4_value(byte & 0xF), nf4_value(byte >> 4)
+    lo, hi = lo * s, hi * s
+    # back in W~'s order, for one dot a K-step: a loop with two dots (one a nibble tile) was
+    # compiled for sm_90 with each wgmma waited on at once (TTGIR, 2026-12-02)
+    if TRANS:  # k = 2b, 2b + 1 run along j
+        w = tl.interleave(lo, hi)
+    else:  # ...along r
+        w = tl.trans(tl.interleave(tl.trans(lo), tl.trans(hi)))
+    return w
 
 
 def _span(config: triton.Config, trans: bool) -> int:
