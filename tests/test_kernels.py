@@ -49,6 +49,8 @@ SHAPES = [
     (3, 130),
 ]  # a dimension of 1, non-multiples of any block
 EVEN_SHAPES = [(2,), (6, 42, 123), (2, 431), (3, 130)]
+# numel a multiple of 8 (4-bit codes as int32 words, quant._as_words), yet not of any block
+WORD_SHAPES = [(8,), (24, 41), (3, 8, 43)]
 
 
 # ------------------------------------------------------------------ quantize / dequantize
@@ -107,7 +109,7 @@ def test_int8_and_dynamic_exact(shape, block, dtype):
         )
 
 
-@pytest.mark.parametrize("shape", EVEN_SHAPES)
+@pytest.mark.parametrize("shape", EVEN_SHAPES + WORD_SHAPES)
 @pytest.mark.parametrize("block", [16, 128])
 @pytest.mark.parametrize("fmt", ["int4", "nf4"])
 def test_4bit_exact(shape, block, fmt):
@@ -118,6 +120,22 @@ def test_4bit_exact(shape, block, fmt):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for out in (torch.float32, torch.bfloat16):
         assert torch.equal(dq(*want, shape, block, out), rdq(*want, shape, block, out))
+
+
+def test_4bit_codes_take_the_word_path_only_when_whole_and_aligned():
+    """Where every int32 word of the packed codes is whole and aligned the kernels read and
+    write words; a byte offset or a ragged tail keeps the byte path, with the same result."""
+    x = _randn(4, 64, seed=5)
+    codes, scales = quant.quantize_int4(x, 64)
+    assert quant._as_words(codes, x.numel()) is not False
+    assert quant._as_words(codes[:-4], x.numel() - 8) is not False
+    assert quant._as_words(codes[1:], x.numel() - 2) is False  # one byte in: misaligned
+    assert quant._as_words(codes[:-1], x.numel() - 2) is False  # a partial last word
+    shifted = torch.empty(codes.numel() + 1, dtype=torch.uint8, device=codes.device)[1:]
+    shifted.copy_(codes)  # the same codes, at an odd address: the byte path
+    want = R.dequantize_int4(codes, scales, x.shape, 64, torch.float32)
+    assert torch.equal(quant.dequantize_int4(shifted, scales, x.shape, 64, torch.float32), want)
+    assert torch.equal(quant.dequantize_int4(codes, scales, x.shape, 64, torch.float32), want)
 
 
 def test_zero_block_and_tiny_values():

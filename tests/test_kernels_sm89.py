@@ -43,7 +43,9 @@ def compile_all(full: bool) -> list[dict]:
             }
         )
 
-    for fmt, qty in ((0, "*i8"), (1, "*u8"), (2, "*u8"), (3, "*u8")):
+    formats = [(0, "*i8", False), (1, "*u8", False), (2, "*u8", False), (3, "*u8", False)]
+    formats += [(1, "*i32", True), (3, "*i32", True)]  # 4-bit codes as int32 words
+    for fmt, qty, words in formats:
         sig = {
             "x_ptr": "*bf16",
             "q_ptr": qty,
@@ -54,9 +56,9 @@ def compile_all(full: bool) -> list[dict]:
         }
         build(
             quant._quantize_kernel,
-            f"quantize fmt={fmt}",
+            f"quantize fmt={fmt} words={words}",
             sig,
-            {"FMT": fmt, "BLOCK": 256, "ROWS": 16, "LOG2": 8},
+            {"FMT": fmt, "BLOCK": 256, "ROWS": 16, "LOG2": 8, "WORDS": words},
         )
         sig = {
             "q_ptr": qty,
@@ -67,9 +69,9 @@ def compile_all(full: bool) -> list[dict]:
         }
         build(
             quant._dequantize_kernel,
-            f"dequantize fmt={fmt}",
+            f"dequantize fmt={fmt} words={words}",
             sig,
-            {"FMT": fmt, "BLOCK": 256, "ROWS": 16},
+            {"FMT": fmt, "BLOCK": 256, "ROWS": 16, "WORDS": words},
         )
     for q in (False, True):
         st = "*u8" if q else "*bf16"
