@@ -43,8 +43,9 @@ def sqnr_db(x, ref):
 
 
 @pytest.mark.parametrize("block", [64, 128, 256])
-def test_quantize_dequantize_exact(block):
-    x = _randn(1000, 1003, seed=block)  # ~1M elements, a partial last block
+@pytest.mark.parametrize("shape", [(1000, 1003), (998, 1001)])  # 4-bit: int32 words, bytes
+def test_quantize_dequantize_exact(block, shape):
+    x = _randn(*shape, seed=block)  # ~1M elements, a partial last block
     xg = x.to(DEV, copy=True)
     for fmt in ("int8", "int4", "nf4"):
         got = getattr(quant, f"quantize_{fmt}")(xg, block)
