@@ -121,6 +121,8 @@ def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> T
     to like's batch shape."""
     draws = [torch.randn(rows, cols, generator=g) for g in gens]
     out = torch.stack(draws) if like.ndim == 3 else draws[0]
+    if like.is_cuda:  # from pinned memory the copy does not wait for the queued GPU work
+        return out.pin_memory().to(like.device, like.dtype, non_blocking=True)
     return out.to(like.device, like.dtype)
 
 

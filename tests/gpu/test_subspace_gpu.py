@@ -35,3 +35,21 @@ def test_gesvda_ritz_matches_float64(batch, d, big, width, rank):
     assert (got.mT @ got - eye).norm(dim=(-2, -1)).max() < 1e-4
     distance = (got @ got.mT - want @ want.mT).norm(dim=(-2, -1)).max()
     assert distance < 1e-3, distance
+
+
+def test_the_fast_finders_on_cuda_are_orthonormal_and_seeded():
+    """Cold and warm fast bases of a batch on CUDA (draws copied from pinned memory without a
+    wait): orthonormal, and the same for the same generators."""
+    gen = torch.Generator().manual_seed(1)
+    grads = gapped(3, 96, 200, 24, gen).float().cuda()
+
+    def gens(seed):
+        return [torch.Generator().manual_seed(seed + i) for i in range(3)]
+
+    cold = subspace.svd_basis(grads, "left", 24, "fast", None, gens(5))
+    warm = subspace.svd_basis(grads, "left", 24, "fast", cold, gens(7))
+    again = subspace.svd_basis(grads, "left", 24, "fast", cold, gens(7))
+    eye = torch.eye(24, device="cuda")
+    for basis in (cold, warm):
+        assert (basis.mT @ basis - eye).norm(dim=(-2, -1)).max() < 1e-4
+    assert torch.equal(warm, again)
