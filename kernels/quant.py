@@ -214,9 +214,9 @@ def _dequantize(
 
 def _as_words(packed: Tensor, numel: int) -> Tensor | bool:
     """The packed bytes as int32 words (8 codes each) where every word is whole and aligned,
-    else False. Word loads and stores are 16-byte vectors; a byte tile compiled to one-byte
-    accesses (sm_90 PTX, 2026-12-02), which is why 4-bit dequantization ran at 0.08 of copy
-    bandwidth."""
+    else False. A thread then makes 4 word accesses where a byte tile compiled to 16 one-byte
+    accesses (sm_90 PTX, 2026-12-02; 4-bit dequantization had measured 0.08 of copy bandwidth
+    on 2026-12-01, before the contiguous tiles)."""
     if numel % 8 or packed.data_ptr() % 4 or not packed.is_contiguous():
         return False
     return packed.view(torch.int32)
