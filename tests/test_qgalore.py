@@ -236,3 +236,20 @@ def test_a_step_dequantizes_each_int4_basis_once(monkeypatch, per_tensor):
         assert torch.equal(w, g)
     # the step's reads are in the gradient's dtype (float64 here); a refresh reads fp32
     assert calls.count(torch.float64) == len(grads), calls
+
+
+def test_a_direction_dequantizes_its_basis_once(monkeypatch):
+    """The writers' path (`direction`, as int8 + qgalore steps) reads one dequantized copy for
+    `down` and `up`, and holds none after it."""
+    from lowrank_train.projectors import qgalore
+
+    grads = gradients((24, 40), 3)
+    _, opt = run_projector("qgalore", grads, rank=4, update_gap=10)
+    ((w, state),) = opt.state.items()
+    calls = []
+    real = qgalore.dequantize_basis
+    monkeypatch.setattr(qgalore, "dequantize_basis", lambda *a: calls.append(a[-1]) or real(*a))
+    group = opt.param_groups[0]
+    opt.projector.direction(w.detach(), grads[-1], state, state["step"] + 1, group)
+    assert calls == [grads[-1].dtype]
+    assert opt.projector._once is None

@@ -139,6 +139,11 @@ class QGaLore(SVDProjector):
         with self._dequantized_once():
             super().update_many_(items, hp)
 
+    def direction(self, param, grad, state, step, hp) -> Tensor:
+        """The writers' path (int8 + qgalore): `down` and `up` share one dequantized basis."""
+        with self._dequantized_once():
+            return super().direction(param, grad, state, step, hp)
+
     def add_up_many_(self, params, low_update, low_grad, grads, states, alpha) -> None:
         super().add_up_many_(params, low_update, low_grad, grads, states, alpha)
         if self._once is not None:  # the run is stepped: its bases are not read again
