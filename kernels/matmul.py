@@ -8,15 +8,18 @@ r = k) or ``deq(W)^T`` (backward, TRANS: j = k, r = n). Each K-step loads a (BLO
 tile of *codes* (1 byte, or half a byte, an element), dequantizes it in registers (NF4 by a
 select tree, never a table gather; scales loaded once per W row of the tile when the groups are
 row-aligned and a tile never crosses one (ALIGNED), else two per row and a select while the
-tile is no longer than a group, else gathered per element) and feeds a bf16 ``tl.dot`` with fp32 accumulation: no dequantized
-copy of W ever exists in memory. Groups run along the flattened W (reference.py), so any N, K
-work; ALIGNED is the fast case (K a multiple of the group size).
+tile is no longer than a group, else gathered per element) and feeds a bf16 ``tl.dot`` with
+fp32 accumulation: no dequantized copy of W ever exists in memory. 4-bit codes in the aligned
+case load each byte once (``_pair_tile``); the rest take ``_general_tile``. Groups run along
+the flattened W (reference.py), so any N, K work; ALIGNED is the fast case (K a multiple of
+the group size).
 
 The weight gradient ``g^T x`` is not here: it is a plain bf16 GEMM into the layer's side buffer.
 
 Autotune configs fit an RTX 4090 (sm_89, 99 KB of shared memory a block): compiled for sm_89,
 every config kept by ``prune_configs`` uses at most 65 KB (tests/test_kernels_sm89.py); no
-Hopper-only instruction is required (plain tl.dot lowers to mma.sync, no wgmma, no TMA).
+Hopper-only instruction is required: for sm_89 plain tl.dot lowers to mma.sync (for sm_90
+Triton itself picks wgmma, read in the sm_90 PTX, 2026-12-02), and no TMA is used.
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 parameterizations' custom ops and of the projected optimizer's step.
 
 Inside a custom op (and in the eager optimizer step), inductor's pad_mm pass cannot reach a
-matmul, and cuBLAS sends an operand whose rows are not 16-byte aligned (llama_1b's 5461-wide MLP) to slow legacy kernels: on the
-H200 a bf16 linear of 2048 x 5461 at 8192 tokens took 1.48 ms, against 0.38 ms for 4096 x 4096
-with 1.5x its FLOPs (bench_kernels, 2026-12-01), and the 1B int8 profile spent 95 ms a step in
-sm75-era kernels. `mm` zero-pads the contraction and output dimensions to a multiple of
-ROW_ALIGN (one copy of each misaligned operand, and one of the output when its rows are), as
-pad_mm does for the dense model: zeros add nothing to the products.
+matmul, and cuBLAS sends an operand whose rows are not 16-byte aligned (llama_1b's 5461-wide
+MLP) to slow legacy kernels: on the H200 a bf16 linear of 2048 x 5461 at 8192 tokens took
+1.48 ms, against 0.38 ms for 4096 x 4096 with 1.5x its FLOPs (bench_kernels, 2026-12-01),
+and the 1B int8 profile spent 95 ms a step in sm75-era kernels. `mm` zero-pads the
+contraction and output dimensions to a multiple of ROW_ALIGN (one copy of each misaligned
+operand, and one of the output when its rows are), as pad_mm does for the dense model: zeros
+add nothing to the products.
 """
 
 from __future__ import annotations

@@ -127,10 +127,10 @@ def test_4bit_codes_take_the_word_path_only_when_whole_and_aligned():
     write words; a byte offset or a ragged tail keeps the byte path, with the same result."""
     x = _randn(4, 64, seed=5)
     codes, scales = quant.quantize_int4(x, 64)
-    assert quant._as_words(codes, x.numel()) is not False
-    assert quant._as_words(codes[:-4], x.numel() - 8) is not False
-    assert quant._as_words(codes[1:], x.numel() - 2) is False  # one byte in: misaligned
-    assert quant._as_words(codes[:-1], x.numel() - 2) is False  # a partial last word
+    assert quant._as_words(codes, x.numel()) is not None
+    assert quant._as_words(codes[:-4], x.numel() - 8) is not None
+    assert quant._as_words(codes[1:], x.numel() - 2) is None  # one byte in: misaligned
+    assert quant._as_words(codes[:-1], x.numel() - 2) is None  # a partial last word
     shifted = torch.empty(codes.numel() + 1, dtype=torch.uint8, device=codes.device)[1:]
     shifted.copy_(codes)  # the same codes, at an odd address: the byte path
     want = R.dequantize_int4(codes, scales, x.shape, 64, torch.float32)

@@ -43,8 +43,8 @@ RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 
 def channel_norms(low: Tensor, side: str, dtype: torch.dtype) -> Tensor:
     """||X_i|| over the D channels of a low-rank (or m x n) tensor, shaped to broadcast over
-    the m x n gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one (1, n) on
-    the left; a stack of them (b, ...) gives (b, m, 1) or (b, 1, n)."""
+    the m x n gradient: rows of an m x r tensor (m, 1) on the right, columns of an r x n one
+    (1, n) on the left; a stack of them (b, ...) gives (b, m, 1) or (b, 1, n)."""
     dim = -1 if side == "right" else -2
     return torch.linalg.vector_norm(low, dim=dim, keepdim=True, dtype=dtype)  # no upcast copy
 

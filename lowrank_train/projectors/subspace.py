@@ -173,7 +173,7 @@ def svd_basis(
     if method == "exact" or rank + OVERSAMPLE >= d:  # near full rank: exact is cheaper
         return exact_basis(a, rank)
     if previous is None:
-        omega = _draws(gens, big, min(d, rank + OVERSAMPLE), a)
+        omega = _draws(gens, big, rank + OVERSAMPLE, a)  # d > rank + OVERSAMPLE here
 
         def find(rows, orth):
             return randomized_basis(a[rows], rank, omega[rows], orth)
