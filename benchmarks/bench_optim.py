@@ -198,7 +198,8 @@ STAGES = [  # op-name fragments of the finders' parts, first match wins
 def stage_seconds(fn, *args) -> dict[str, float]:
     """Seconds of one call of `fn` (after a warm-up call) by the finders' parts: each ATen
     op's own time in a profiled call (device time on CUDA, CPU time elsewhere) summed into
-    STAGES' families, the rest as "other"; "total" is an unprofiled call's wall time."""
+    STAGES' families, the rest as "other", and on CUDA the ops' host time as "host_<family>";
+    "total" is an unprofiled call's wall time."""
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else lambda: None
     fn(*args)
@@ -215,11 +216,14 @@ def stage_seconds(fn, *args) -> dict[str, float]:
         sync()
     for event in prof.key_averages():
         name = event.key
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        if not name.startswith("aten::") or us <= 0:
+        if not name.startswith("aten::"):
             continue
         family = next((label for label, parts in STAGES if any(p in name for p in parts)), "other")
-        out[family] = out.get(family, 0.0) + us / 1e6
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            out[family] = out.get(family, 0.0) + us / 1e6
+        if cuda and event.self_cpu_time_total > 0:  # where the wall time without GPU work goes
+            out[f"host_{family}"] = out.get(f"host_{family}", 0.0) + event.self_cpu_time_total / 1e6
     return out
 
 
