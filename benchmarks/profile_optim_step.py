@@ -10,6 +10,9 @@ step is ~137 ms, so a projector keeps >= 0.85x dense tok/s only if its optimizer
 most ~24 ms more than AdamW's.
 
     python benchmarks/profile_optim_step.py --methods adamw,galore,fira --out-dir $OUT [--preset llama_1b]
+
+With `--set optim.projector.update_gap=1` every timed step is a warm refresh (the first, cold,
+one falls in the warm-up), and `--trace` writes the profiled steps' timeline.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def build(preset: str, method: str, state_dtype: str, rank: int | None, extra: l
     from lowrank_train.resolve import load_run
     from lowrank_train.trainer import build_run
 
-    overrides = [f"model.preset={preset}", "train.steps=1000", *extra]
+    overrides = [f"model.preset={preset}", "train.steps=1000"]
     if method != "adamw":
         overrides += [
             f"optim.state_dtype={state_dtype}",
@@ -41,6 +44,7 @@ def build(preset: str, method: str, state_dtype: str, rank: int | None, extra: l
             f"optim.projector.rank={rank_of(method, rank)}",
             f"optim.projector.update_gap={GAP}",
         ]
+    overrides += extra  # last, so --set wins (update_gap=1: every step a warm refresh)
     cfg, _ = load_run(ROOT / "configs" / "runs" / "dense_1b_24gb.yaml", overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     built = build_run(cfg, 32000, device)
@@ -92,6 +96,10 @@ def profile_step(method: str, args) -> dict:
             launches += 1
     gpu_ms = sum(by_kernel.values())
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[: args.top]
+    host = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    top_host = sorted(host, key=lambda e: -e.self_cpu_time_total)[: args.top]
+    if args.trace and args.out_dir is not None:
+        prof.export_chrome_trace(str(args.out_dir / f"trace_{method}.json"))
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del model, optimizer
     if cuda:
@@ -103,6 +111,10 @@ def profile_step(method: str, args) -> dict:
         "launches": launches // args.steps,
         "peak_alloc_gib": None if peak is None else round(peak, 3),
         "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in top},
+        # host time of each ATen op (a sync's wait included: it shows where the host blocks)
+        "top_host_ms": {
+            e.key: round(e.self_cpu_time_total / 1e3 / args.steps, 3) for e in top_host
+        },
     }
 
 
@@ -117,6 +129,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--trace", action="store_true", help="also write trace_<method>.json there")
     ap.add_argument("--device-slug", default=None)
     ap.add_argument("--call", default=None)
     args = ap.parse_args()
@@ -129,6 +142,8 @@ def main() -> None:
         )
         for name, ms in metrics["top_kernels_ms"].items():
             print(f"    {ms:8.3f} ms  {name}", flush=True)
+        for name, ms in metrics["top_host_ms"].items():
+            print(f"    {ms:8.3f} ms  host {name}", flush=True)
         row = result_line(
             bench="optim_step",
             case={"preset": args.preset, "method": method},
