@@ -58,6 +58,21 @@ def ratios(early: dict, late: dict, rank: int, seed: int) -> dict[str, list[floa
     return out
 
 
+def overrides(steps: int, out_dir: str, extra: list[str]) -> list[str]:
+    """`steps` steps (a run file may budget tokens instead), no evaluation or checkpoints,
+    then the user's."""
+    return [
+        "train.tokens=0",
+        f"train.steps={steps}",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "checkpoint.at_end=false",
+        f"out_dir={out_dir}",
+        "name=energy",
+        *extra,
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "runs" / "quickstart.yaml")
@@ -74,18 +89,8 @@ def main() -> None:
     from lowrank_train.trainer import Trainer
 
     setup_logging(0)
-    out_dir = tempfile.mkdtemp(prefix="energy_")
     total = args.steps + args.gap
-    overrides = [
-        f"train.steps={total}",
-        "eval.every=0",
-        "checkpoint.every=0",
-        "checkpoint.at_end=false",
-        f"out_dir={out_dir}",
-        "name=energy",
-        *args.set,
-    ]
-    cfg, _ = load_run(args.config, overrides)
+    cfg, _ = load_run(args.config, overrides(total, tempfile.mkdtemp(prefix="energy_"), args.set))
     trainer = Trainer(cfg)
     trainer.model.train()
     records = []

@@ -12,13 +12,17 @@ most ~24 ms more than AdamW's.
     python benchmarks/profile_optim_step.py --methods adamw,galore,fira --out-dir $OUT [--preset llama_1b]
 
 With `--set optim.projector.update_gap=1` every timed step is a warm refresh (the first, cold,
-one falls in the warm-up), and `--trace` writes the profiled steps' timeline.
+one falls in the warm-up). The profiled steps' timeline also says where the GPU sat idle, and
+which host op it waited on (`idle_gaps`).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -66,6 +70,58 @@ def fill_gradients(model: torch.nn.Module, optimizer, gen: torch.Generator) -> N
             g.normal_(generator=gen)
 
 
+def idle_gaps(trace: dict, top: int, steps: int = 1, floor_us: float = 10.0) -> dict:
+    """Where the GPU waits for the host, from a chrome trace: every interval over `floor_us`
+    with no kernel, copy or memset running, summed (`idle_ms`) and attributed twice: to the
+    innermost ATen op the host was in when the GPU went idle (`idle_by_host_op_ms`: a sync
+    or a host computation shows here), and to the op that launched the work ending the wait
+    (`idle_by_next_op_ms`). Milliseconds a step, over `steps` profiled steps."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: e["ts"],
+    )
+    launches = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+
+    def innermost(t: float) -> str:
+        i = bisect.bisect_right(starts, t) - 1
+        for j in range(i, max(-1, i - 200), -1):  # ops nest: the latest-starting one holding t
+            if ops[j]["ts"] + ops[j]["dur"] >= t:
+                return ops[j]["name"]
+        return "(no op: Python)"
+
+    at_start: dict[str, float] = defaultdict(float)
+    by_next: dict[str, float] = defaultdict(float)
+    busy_end = gpu[0]["ts"] if gpu else 0.0
+    busy = idle = 0.0
+    for e in gpu:
+        gap = e["ts"] - busy_end
+        if gap > floor_us:
+            idle += gap
+            at_start[innermost(busy_end)] += gap
+            launched = launches.get(e.get("args", {}).get("correlation"))
+            by_next[innermost(launched) if launched is not None else "(unknown)"] += gap
+        busy += max(0.0, e["ts"] + e["dur"] - max(busy_end, e["ts"]))
+        busy_end = max(busy_end, e["ts"] + e["dur"])
+
+    def ranked(table: dict[str, float]) -> dict[str, float]:
+        most = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return {k: round(v / 1e3 / steps, 3) for k, v in most}
+
+    return {
+        "gpu_busy_ms": round(busy / 1e3 / steps, 3),
+        "idle_ms": round(idle / 1e3 / steps, 3),
+        "idle_by_host_op_ms": ranked(at_start),
+        "idle_by_next_op_ms": ranked(by_next),
+    }
+
+
 def profile_step(method: str, args) -> dict:
     model, optimizer = build(args.preset, method, args.state_dtype, args.rank, args.set)
     cuda = torch.cuda.is_available()
@@ -98,8 +154,9 @@ def profile_step(method: str, args) -> dict:
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[: args.top]
     host = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     top_host = sorted(host, key=lambda e: -e.self_cpu_time_total)[: args.top]
-    if args.trace and args.out_dir is not None:
-        prof.export_chrome_trace(str(args.out_dir / f"trace_{method}.json"))
+    with tempfile.TemporaryDirectory() as tmp:  # a trace of one 1B refresh step is ~40 MB
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        gaps = idle_gaps(json.loads(Path(f"{tmp}/trace.json").read_text()), args.top, args.steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del model, optimizer
     if cuda:
@@ -115,6 +172,7 @@ def profile_step(method: str, args) -> dict:
         "top_host_ms": {
             e.key: round(e.self_cpu_time_total / 1e3 / args.steps, 3) for e in top_host
         },
+        **gaps,
     }
 
 
@@ -129,7 +187,6 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides")
     ap.add_argument("--out-dir", type=Path, default=None)
-    ap.add_argument("--trace", action="store_true", help="also write trace_<method>.json there")
     ap.add_argument("--device-slug", default=None)
     ap.add_argument("--call", default=None)
     args = ap.parse_args()
@@ -144,6 +201,10 @@ def main() -> None:
             print(f"    {ms:8.3f} ms  {name}", flush=True)
         for name, ms in metrics["top_host_ms"].items():
             print(f"    {ms:8.3f} ms  host {name}", flush=True)
+        print(f"  gpu busy {metrics['gpu_busy_ms']} ms, idle {metrics['idle_ms']} ms", flush=True)
+        for table in ("idle_by_host_op_ms", "idle_by_next_op_ms"):
+            for name, ms in metrics[table].items():
+                print(f"    {ms:8.3f} ms  {table} {name}", flush=True)
         row = result_line(
             bench="optim_step",
             case={"preset": args.preset, "method": method},

@@ -328,8 +328,10 @@ def test_the_refresh_stage_split_names_the_finders_parts():
 
 @pytest.mark.parametrize("method", ["galore", "qgalore", "int8_qgalore", "fira", "gradnormlorp"])
 def test_refresh_quality_overrides_are_a_valid_run_of_each_60m_svd_projector(method, tmp_path):
-    """bench_refresh_quality's overrides on each 60M run file of an SVD projector load (the run
-    files budget train.tokens, which once made every call exit 2 before training)."""
+    """bench_refresh_quality's and bench_refresh_energy's overrides on each 60M run file of an
+    SVD projector load (the run files budget train.tokens, which once made every call of each
+    exit 2 before training)."""
+    import bench_refresh_energy
     import bench_refresh_quality
 
     from lowrank_train.resolve import load_run
@@ -340,3 +342,31 @@ def test_refresh_quality_overrides_are_a_valid_run_of_each_60m_svd_projector(met
         cfg, _ = load_run(run_file, args)
         assert (cfg.train.steps, cfg.train.tokens) == (20, 0)
         assert cfg.optim.projector.method.svd == finder
+    cfg, _ = load_run(run_file, bench_refresh_energy.overrides(30, str(tmp_path), []))
+    assert (cfg.train.steps, cfg.train.tokens) == (30, 0)  # and bench_refresh_energy's
+
+
+def test_idle_gaps_attributes_the_gpus_waits_to_host_ops():
+    """profile_optim_step's timeline reading: a 50 us wait after a kernel, while the host sat
+    in a sync (`aten::item`), ended by a kernel that `aten::mm` launched; a 5 us gap is below
+    the floor; the busy time counts overlapping kernels once."""
+    import profile_optim_step
+
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    trace = {
+        "traceEvents": [
+            x("kernel", "k1", 0, 10, correlation=1),
+            x("kernel", "k1b", 5, 10, correlation=2),  # overlaps k1: busy to 15
+            x("kernel", "k2", 65, 10, correlation=3),  # idle 15..65
+            x("kernel", "k3", 80, 10, correlation=4),  # 5 us: under the floor
+            x("cpu_op", "aten::item", 12, 60),
+            x("cpu_op", "aten::mm", 62, 2),
+            x("cuda_runtime", "cudaLaunchKernel", 63, 1, correlation=3),
+        ]
+    }
+    got = profile_optim_step.idle_gaps(trace, top=5)
+    assert got["idle_ms"] == 0.05 and got["gpu_busy_ms"] == 0.035  # 15 + 10 + 10 us
+    assert got["idle_by_host_op_ms"] == {"aten::item": 0.05}
+    assert got["idle_by_next_op_ms"] == {"aten::mm": 0.05}
