@@ -8,7 +8,8 @@ shape (m, r)), an SVD basis is the top-r left singular vectors of A (d x D).
 All finders run in fp32 (or float64 for float64 input) on the gradient's device; on CUDA the
 power iterations' products with the gradient take TF32 tensor cores (`_mm`): they only find the
 span, and Rayleigh-Ritz (fp32) takes the basis out of it, so the basis's accuracy and
-orthonormality are fp32's.
+orthonormality are fp32's. A warm refresh's Ritz step takes no eigensolver (`_drop_weakest`):
+its basis goes on from the previous one column by column, with column 0 the leading direction.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from lowrank_train.seeding import generator
 OVERSAMPLE = 16  # extra columns of the randomized finders: they absorb a flat spectral tail
 POWER_ITERATIONS = 2  # cold range finder: leakage falls like (s_{r+1}/s_r)^(2q+1)
 WARM_ITERATIONS = 2  # warm start: 1 captured 0.94-0.97 of exact on a flat spectrum, 2 >= 0.99
+INVERSE_ITERATIONS = 4  # the warm truncation's search for the span's weakest directions
+JACOBI_MAX = 32  # cuSOLVER's batched Jacobi eigensolver (syevjBatched) takes n <= 32
+LEADING_ITERATIONS = 8  # power iterations for the truncated basis's leading direction
 
 
 def side_of(shape: tuple[int, int]) -> str:
@@ -74,16 +78,95 @@ def _rayleigh_ritz(a: Tensor, q: Tensor, rank: int) -> Tensor:
     w x D matrix Q^T A. On CUDA they are the right singular vectors of its transpose by
     cuSOLVER's batched gesvda (98 ms for 168 matrices of 2048 x 528 on an H200, where torch's
     batched eigh of the 528 x 528 Grams loops one syevd a matrix: 892 ms;
-    benchmarks/profile_eigh.py, 2026-12-02). Elsewhere the eigenvectors of the Gram
-    (Q^T A)(Q^T A)^T. Both square the condition number, and both give the same subspace."""
+    benchmarks/profile_eigh.py, 2026-12-02). Elsewhere, and on CUDA for w <= 32 (one batched
+    Jacobi launch), the eigenvectors of the Gram (Q^T A)(Q^T A)^T. Both square the condition
+    number, and both give the same subspace. Both loop an eigensolver over the batch where
+    w > 32: the warm refresh takes `_drop_weakest` instead."""
     small = q.mT @ a
-    if small.is_cuda and small.shape[-1] >= small.shape[-2]:  # gesvda wants a tall matrix
+    w, big = small.shape[-2:]
+    if small.is_cuda and big >= w > JACOBI_MAX:  # gesvda wants a tall matrix
         _, _, vh = torch.linalg.svd(small.mT, full_matrices=False, driver="gesvda")
         vectors = vh.mT[..., :rank]  # descending
     else:
         _, ascending = torch.linalg.eigh(small @ small.mT)
         vectors = ascending[..., -rank:].flip(-1)
     return (q @ vectors).contiguous()
+
+
+def _drop_weakest(a: Tensor, q: Tensor, rank: int, orth) -> Tensor:
+    """The warm refresh's Rayleigh-Ritz without an eigensolver: span(Q) (..., d, w) less its
+    k = w - rank directions of least energy. With H = (Q^T A)(Q^T A)^T (w x w), the energy of
+    a unit x in Q's coordinates is x^T H x; the k weakest directions Z are found by inverse
+    subspace iteration, Z <- orth((H + mu I)^-1 Z) from the last k coordinates (the Gaussian
+    columns' directions, last in Q's order), and the basis is Q times an orthonormal basis of
+    Z's complement that keeps Q's column order (`_complement`), so column j still continues the
+    previous basis's column j (the moments kept across a refresh stay meaningful). Where the
+    exact Ritz step loops cuSOLVER's eigensolver over the batch (gesvda: ~760 launches a
+    matrix, 128k in a warm refresh at 1B, 0.93 s a step; benchmarks/profile_optim_step.py,
+    H200, 2026-12-02), this is a few batched small factorizations. The shift mu = 1e-6
+    tr(H) / w keeps the Cholesky of a rank-deficient H finite; directions below it are all
+    empty to fp32, so which of them is dropped does not matter. The energy kept equals the
+    exact Ritz step's up to the inverse iteration's convergence, tested against float64."""
+    w = q.shape[-1]
+    small = q.mT @ a
+    h = small @ small.mT
+    eye = torch.eye(w, dtype=h.dtype, device=h.device)
+    mu = 1e-6 * h.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / w
+    factor, info = torch.linalg.cholesky_ex(h + mu * eye)
+    failed = info != 0
+    z = eye[:, rank:].expand(*h.shape[:-2], w, w - rank)
+    for _ in range(INVERSE_ITERATIONS):
+        z = orth(torch.cholesky_solve(torch.where(failed[..., None, None], 0.0, z), factor))
+    if isinstance(orth, _Deferred):
+        orth.failed = orth.failed | failed
+    kept = _complement(z)
+    return _lead_with_the_top_direction(q @ kept, kept.mT @ h @ kept)
+
+
+def _lead_with_the_top_direction(basis: Tensor, energy: Tensor) -> Tensor:
+    """The basis with its first column turned onto the span's leading direction (the top
+    eigenvector y of `energy` = B^T A A^T B, r x r, by power iteration), by the
+    Householder reflection along e_0 + y (it maps e_0 to -y; column 0 is negated after), so
+    that columns stay orthonormal, the others move by a rank-one correction that vanishes as
+    y nears e_0, and column 0 is the leading singular vector as in an exact SVD (Q-GaLore's
+    lazy refresh compares it between refreshes)."""
+    # start at the most energetic column, plus a little of every other (so that a start that
+    # happens to be an eigenvector of a lesser eigenvalue cannot hold the iteration)
+    diagonal = energy.diagonal(dim1=-2, dim2=-1)
+    y = torch.nn.functional.one_hot(diagonal.argmax(-1), energy.shape[-1]).to(energy.dtype)
+    y = (y + 0.01 / energy.shape[-1] ** 0.5)[..., None]
+    for _ in range(LEADING_ITERATIONS):
+        y = energy @ y
+        y = y / y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+    u = y * torch.where(y[..., :1, :] >= 0, 1.0, -1.0)  # the sign nearest e_0
+    u[..., 0, 0] += 1.0  # e_0 + y, of norm >= 1: no cancellation where y is near e_0
+    u = u / u.norm(dim=-2, keepdim=True)
+    out = basis - 2 * (basis @ u) @ u.mT  # column 0 is now -y
+    out[..., :, 0] *= -1
+    return out.contiguous()
+
+
+def _complement(z: Tensor) -> Tensor:
+    """(..., w, w - k): an orthonormal basis of the complement of span(Z), Z (..., w, k)
+    orthonormal, by k Householder reflections of Z with its rows reversed (a QL
+    factorization), so that where Z lies in the last k coordinates the result is the first
+    w - k columns of the identity: column j stays coordinate j, as far as Z allows."""
+    w, k = z.shape[-2:]
+    rows = z.flip(-2).clone()
+    reflectors = []
+    for j in range(k):
+        x = rows[..., j:, j]
+        head = torch.where(x[..., :1] >= 0, 1.0, -1.0)
+        v = x + head * x.norm(dim=-1, keepdim=True) * (torch.arange(w - j, device=x.device) == 0)
+        v = v / v.norm(dim=-1, keepdim=True)
+        rows[..., j:, :] -= 2 * v[..., :, None] * (v[..., None, :] @ rows[..., j:, :])
+        reflectors.append(v)
+    m = torch.eye(w, dtype=z.dtype, device=z.device)[:, k:].expand(*z.shape[:-2], w, w - k)
+    m = m.contiguous()
+    for j in reversed(range(k)):  # H_0 ... H_{k-1} applied to [0; I]
+        v = reflectors[j]
+        m[..., j:, :] -= 2 * v[..., :, None] * (v[..., None, :] @ m[..., j:, :])
+    return m.flip(-2).flip(-1)
 
 
 def orthonormal(y: Tensor) -> Tensor:
@@ -147,13 +230,23 @@ class _Deferred:
 
 
 def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> Tensor:
-    """One (rows, cols) N(0, 1) draw per generator (on the CPU: device-independent), stacked
-    to like's batch shape."""
-    draws = [torch.randn(rows, cols, generator=g) for g in gens]
-    out = torch.stack(draws) if like.ndim == 3 else draws[0]
-    if like.is_cuda:  # from pinned memory the copy does not wait for the queued GPU work
-        return out.pin_memory().to(like.device, like.dtype, non_blocking=True)
-    return out.to(like.device, like.dtype)
+    """One (rows, cols) N(0, 1) draw per generator, stacked to like's batch shape. On the CPU
+    from the generators themselves; on CUDA on the GPU, from a CUDA generator seeded by each
+    CPU generator (a CPU draw of a warm refresh's 5.5M normals at 1B and its copy left the GPU
+    idle ~0.1 s: benchmarks/profile_optim_step.py, H200, 2026-12-02). Every CUDA rank and a
+    resume on CUDA draw the same; a CPU run draws other values (as `gaussian_basis`)."""
+    if not like.is_cuda:
+        draws = [torch.randn(rows, cols, generator=g) for g in gens]
+        out = torch.stack(draws) if like.ndim == 3 else draws[0]
+        return out.to(like.dtype)
+    draws = []
+    for g in gens:
+        seed = int(torch.randint(0, 2**62, (), generator=g))
+        on_gpu = torch.Generator(device=like.device).manual_seed(seed)
+        draws.append(
+            torch.randn(rows, cols, generator=on_gpu, device=like.device, dtype=like.dtype)
+        )
+    return torch.stack(draws) if like.ndim == 3 else draws[0]
 
 
 def randomized_basis(a: Tensor, rank: int, omega: Tensor, orth=orthonormal) -> Tensor:
@@ -186,7 +279,10 @@ def warm_basis(a: Tensor, previous: Tensor, rank: int, extra: Tensor, orth=ortho
     is the same). That saves three of the nine CholeskyQR passes of a warm refresh."""
     start = torch.cat([previous.to(a.dtype), extra / a.shape[-2] ** 0.5], dim=-1)
     q = _power_iterations(a, start, WARM_ITERATIONS, orth, inner=False)
-    return _rayleigh_ritz(a, q, rank)
+    small_ritz = q.shape[-1] <= JACOBI_MAX  # one batched Jacobi eigh: exact and cheap
+    if isinstance(orth, _Deferred) and not small_ritz:  # the first try: no eigensolver loop
+        return _drop_weakest(a, q, rank, orth)
+    return _rayleigh_ritz(a, q, rank)  # and the fallback of a matrix that failed
 
 
 def svd_basis(
