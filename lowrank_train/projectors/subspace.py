@@ -112,11 +112,16 @@ def _drop_weakest(a: Tensor, q: Tensor, rank: int, orth) -> Tensor:
     h = small @ small.mT
     eye = torch.eye(w, dtype=h.dtype, device=h.device)
     mu = 1e-6 * h.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / w
-    factor, info = torch.linalg.cholesky_ex(h + mu * eye)
+    factor, info = torch.linalg.cholesky_ex(h + mu * eye)  # H + mu I = L L^T
     failed = info != 0
     z = eye[:, rank:].expand(*h.shape[:-2], w, w - rank)
     for _ in range(INVERSE_ITERATIONS):
-        z = orth(torch.cholesky_solve(torch.where(failed[..., None, None], 0.0, z), factor))
+        # two cuBLAS triangular solves; torch.cholesky_solve would take MAGMA, whose first
+        # use in a process costs more than a warm refresh
+        z = torch.linalg.solve_triangular(
+            factor, torch.where(failed[..., None, None], 0.0, z), upper=False
+        )
+        z = orth(torch.linalg.solve_triangular(factor.mT, z, upper=True))
     if isinstance(orth, _Deferred):
         orth.failed = orth.failed | failed
     kept = _complement(z)
@@ -132,9 +137,10 @@ def _lead_with_the_top_direction(basis: Tensor, energy: Tensor) -> Tensor:
     lazy refresh compares it between refreshes)."""
     # start at the most energetic column, plus a little of every other (so that a start that
     # happens to be an eigenvector of a lesser eigenvalue cannot hold the iteration)
-    diagonal = energy.diagonal(dim1=-2, dim2=-1)
-    y = torch.nn.functional.one_hot(diagonal.argmax(-1), energy.shape[-1]).to(energy.dtype)
-    y = (y + 0.01 / energy.shape[-1] ** 0.5)[..., None]
+    r = energy.shape[-1]
+    eye = torch.eye(r, dtype=energy.dtype, device=energy.device)
+    y = eye[energy.diagonal(dim1=-2, dim2=-1).argmax(-1)]  # one_hot would sync to check
+    y = (y + 0.01 / r**0.5)[..., None]
     for _ in range(LEADING_ITERATIONS):
         y = energy @ y
         y = y / y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
