@@ -103,15 +103,16 @@ def _drop_weakest(a: Tensor, q: Tensor, rank: int, orth) -> Tensor:
     previous basis's column j (the moments kept across a refresh stay meaningful). Where the
     exact Ritz step loops cuSOLVER's eigensolver over the batch (gesvda: ~760 launches a
     matrix, 128k in a warm refresh at 1B, 0.93 s a step; benchmarks/profile_optim_step.py,
-    H200, 2026-12-02), this is a few batched small factorizations. The shift mu = 1e-6
-    tr(H) / w keeps the Cholesky of a rank-deficient H finite; directions below it are all
-    empty to fp32, so which of them is dropped does not matter. The energy kept equals the
+    H200, 2026-12-02), this is a few batched small factorizations. The shift mu = 1e-5
+    tr(H) bounds the factored matrix's condition number by 1e5 (fp32's Cholesky holds); the
+    directions below it hold under 1e-5 of the span's energy each, so which of them is dropped
+    hardly matters (16 of them: < 2e-4 of it). The energy kept equals the
     exact Ritz step's up to the inverse iteration's convergence, tested against float64."""
     w = q.shape[-1]
     small = q.mT @ a
     h = small @ small.mT
     eye = torch.eye(w, dtype=h.dtype, device=h.device)
-    mu = 1e-6 * h.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / w
+    mu = 1e-5 * h.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # cond <= 1e5
     factor, info = torch.linalg.cholesky_ex(h + mu * eye)  # H + mu I = L L^T
     failed = info != 0
     z = eye[:, rank:].expand(*h.shape[:-2], w, w - rank)
@@ -262,16 +263,15 @@ def randomized_basis(a: Tensor, rank: int, omega: Tensor, orth=orthonormal) -> T
     return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS, orth), rank)
 
 
-def _power_iterations(a: Tensor, q: Tensor, count: int, orth, inner: bool = True) -> Tensor:
-    """Q <- orth(A orth(A^T Q)), `count` times. With `inner`, each product is orthonormalized on
-    its own, so a factor's condition number grows by s_1 / s_w, not its square: the cold finder
-    needs it (Omega is arbitrary). Without, Q <- orth(A A^T Q): the same span in exact
-    arithmetic at half the CholeskyQR passes, for a Q already near the top subspace (the warm
-    start), where cond(A A^T Q) ~ (s_1 / s_w)^2 stays inside shifted CholeskyQR3's ~1 / eps; a
-    matrix past it fails its Cholesky and takes the Householder fallback."""
+def _power_iterations(a: Tensor, q: Tensor, count: int, orth) -> Tensor:
+    """Q <- orth(A orth(A^T Q)), `count` times. Each product is orthonormalized on its own, so
+    a factor's condition number grows by s_1 / s_w, not its square. Orthonormalizing only
+    A A^T Q (half the CholeskyQR passes) failed shifted CholeskyQR3 in fp32 on every
+    projected tensor of a real run's gradients (llama_20m, rank 128, s_1 / s_144 up to 7,300:
+    cond ~ 1e5 to 5e7, where fp32's shift, ~5% of ||Y||^2 at these sizes, leaves the second
+    pass past CholeskyQR2's ~4e3), so every warm refresh took the Householder fallback."""
     for _ in range(count):
-        low = _mm(a.mT, q)
-        q = orth(_mm(a, orth(low) if inner else low))
+        q = orth(_mm(a, orth(_mm(a.mT, q))))
     return q
 
 
@@ -282,9 +282,9 @@ def warm_basis(a: Tensor, previous: Tensor, rank: int, extra: Tensor, orth=ortho
     storage precision and `extra / sqrt(d)` has near-unit, near-orthogonal columns, so the
     start is well conditioned, and the first product's orthonormalization sees a condition
     number within a small factor of the one it would see from an orthonormal start (the span
-    is the same). That saves three of the nine CholeskyQR passes of a warm refresh."""
+    is the same). That saves three of the fifteen CholeskyQR passes of a warm refresh."""
     start = torch.cat([previous.to(a.dtype), extra / a.shape[-2] ** 0.5], dim=-1)
-    q = _power_iterations(a, start, WARM_ITERATIONS, orth, inner=False)
+    q = _power_iterations(a, start, WARM_ITERATIONS, orth)
     small_ritz = q.shape[-1] <= JACOBI_MAX  # one batched Jacobi eigh: exact and cheap
     if isinstance(orth, _Deferred) and not small_ritz:  # the first try: no eigensolver loop
         return _drop_weakest(a, q, rank, orth)
