@@ -92,6 +92,7 @@ def ours(case: dict) -> dict:
     out = summarize(windows_s, case, refresh_steps={r["step"] for r in refreshes})
     out["step0_s"] = refreshes[0]["seconds"] if refreshes else None
     out["refresh_s"] = [r["seconds"] for r in refreshes[1:]]
+    out["refresh_fallbacks"] = [r.get("fallbacks", 0) for r in refreshes]  # Householder redos
     out["peak_gib"] = max(m["peak_gib"] for m in windows)
     out["peak_alloc_gib"] = max(m["peak_alloc_gib"] for m in windows)
     out["alloc_retries"] = windows[-1].get("alloc_retries")

@@ -372,3 +372,29 @@ def test_the_warm_truncation_leads_with_the_spans_top_direction():
     eye = torch.eye(24, dtype=torch.float64)
     torch.testing.assert_close(got.T @ got, eye, rtol=0, atol=2e-6)
     torch.testing.assert_close(got @ got.T, q[:, :24] @ q[:, :24].T, rtol=0, atol=1e-4)
+
+
+def test_a_refresh_that_fell_back_says_so_in_its_event(monkeypatch, caplog):
+    """A fast refresh whose CholeskyQR fails (forced here in the warm refresh at step 2) is
+    redone with Householder QR: correct, and slow enough that its event says so
+    (`fallbacks`: matrices redone) with a warning; a refresh that needs none has no such key."""
+    real, forced = torch.linalg.cholesky_ex, []
+
+    def failing(a, upper=False):
+        r, info = real(a, upper=upper)
+        if forced:
+            info = torch.ones_like(info)
+        return r, info
+
+    grads = gradients((64, 128), 3)
+    _, opt = run_projector("galore", grads[:1], rank=24, update_gap=1, svd="fast")
+    (first,) = opt.pop_events()
+    assert first["event"] == "refresh" and "fallbacks" not in first
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    forced.append(1)
+    (w,) = [p for g in opt.param_groups for p in g["params"]]
+    w.grad = grads[1].clone()
+    opt.step()
+    (second,) = opt.pop_events()
+    assert second["event"] == "refresh" and second["step"] == 2 and second["fallbacks"] == 1
+    assert "fell back to Householder QR" in caplog.text

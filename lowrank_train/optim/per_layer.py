@@ -298,7 +298,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
     def pop_events(self) -> list[dict]:
         """The inner events; the refreshes of one step (one per tensor here, each tensor
-        refreshing in its own hook) merge into one, tensors and seconds summed, as the
+        refreshing in its own hook) merge into one, tensors, seconds and fallbacks summed, as the
         whole-model step logs them."""
         events: list[dict] = []
         refresh_of_step: dict[int, dict] = {}
@@ -307,6 +307,8 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                 merged = refresh_of_step[event["step"]]
                 merged["tensors"] += event["tensors"]
                 merged["seconds"] = round(merged["seconds"] + event["seconds"], 4)
+                if "fallbacks" in event:
+                    merged["fallbacks"] = merged.get("fallbacks", 0) + event["fallbacks"]
                 continue
             event = dict(event)
             if event["event"] == "refresh":

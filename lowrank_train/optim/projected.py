@@ -211,11 +211,20 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     self._kept(step, name, f"basis finder failed: {str(e).splitlines()[0]}")
         for _, _, state in done:
             _broadcast(state, self.projector.shared_keys)
+        fallbacks = sum(self.projector.finder_fallbacks)
+        self.projector.finder_fallbacks.clear()
         if done:
             seconds = round(_now(device) - started, 4)
-            self.events.append(
-                {"event": "refresh", "step": step, "tensors": len(done), "seconds": seconds}
-            )
+            event = {"event": "refresh", "step": step, "tensors": len(done), "seconds": seconds}
+            if fallbacks:  # correct and slow: a user reading a long refresh should see why
+                event["fallbacks"] = fallbacks
+                log.warning(
+                    "step %d: %d of %d matrices' fast refresh fell back to Householder QR",
+                    step,
+                    fallbacks,
+                    len(done),
+                )
+            self.events.append(event)
 
     def _kept(self, step: int, name: str, reason: str) -> None:
         self.events.append(

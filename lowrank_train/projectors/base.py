@@ -81,6 +81,9 @@ class Projector:
     def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()
         self.seed = seed  # run seed, for projections drawn from (seed, tensor name, index)
+        # matrices whose fast finder fell back to Householder QR since the optimizer last read
+        # it (it reports them in the refresh event and resets the count)
+        self.finder_fallbacks: list[int] = []
 
     def init_state(self, param: Parameter, name: str) -> State:
         raise NotImplementedError

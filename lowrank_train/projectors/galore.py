@@ -36,7 +36,8 @@ class SVDProjector(LowRankAdam):
     def new_basis(self, grad: Tensor, state: State) -> Tensor:
         gen = generator(self.seed, state["name"], "refresh", state["refreshes"])
         previous = self.previous_basis(state)
-        return svd_basis(grad, state["side"], self.options.rank, self.options.svd, previous, gen)
+        o = self.options
+        return svd_basis(grad, state["side"], o.rank, o.svd, previous, gen, self.finder_fallbacks)
 
     def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
         """All tensors of one shape (and warm or cold) in batched finder calls, in chunks of at
@@ -56,7 +57,15 @@ class SVDProjector(LowRankAdam):
                 previous = None if cold else torch.stack([self.previous_basis(s) for _, s in part])
                 gens = [generator(self.seed, s["name"], "refresh", s["refreshes"]) for _, s in part]
                 grads = torch.stack([g for g, _ in part])
-                bases = svd_basis(grads, side, self.options.rank, self.options.svd, previous, gens)
+                bases = svd_basis(
+                    grads,
+                    side,
+                    self.options.rank,
+                    self.options.svd,
+                    previous,
+                    gens,
+                    self.finder_fallbacks,
+                )
                 found += list(zip(part, [b.clone() for b in bases.unbind(0)], strict=True))
         if not torch.isfinite(torch.stack([b.abs().sum() for _, b in found])).all():
             raise FloatingPointError("the basis finder returned non-finite values")

@@ -298,12 +298,14 @@ def svd_basis(
     method: str,
     previous: Tensor | None,
     gen: torch.Generator | list[torch.Generator],
+    fallbacks: list[int] | None = None,
 ) -> Tensor:
     """The (d, r) basis of `grad` by `method` (exact | fast); fast warm-starts from `previous`.
     Batched: grad (b, m, n), previous (b, d, r), one generator per matrix; each matrix gets
     what it would get alone (its own draws). The fast finders run without host syncs; a
     matrix whose CholeskyQR failed anywhere is found again with the Householder fallback, from
-    the same draws (one sync a call)."""
+    the same draws (one sync a call), and their count is appended to `fallbacks` (a fallback
+    is correct and slow: the refresh event reports it)."""
     gens = gen if isinstance(gen, list) else [gen]
     a = oriented(grad, side)
     d, big = a.shape[-2:]
@@ -324,6 +326,8 @@ def svd_basis(
     deferred = _Deferred()
     basis = find(every, deferred)
     if bool(deferred.failed.any()):
+        if fallbacks is not None:
+            fallbacks.append(int(deferred.failed.sum()))
         if a.ndim == 2:
             return find(every, orthonormal)
         basis[deferred.failed] = find(deferred.failed, orthonormal)
