@@ -28,6 +28,7 @@ from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
 from lowrank_train.precision import Precision, resolve_precision
 from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.base import LowRankAdam
 from lowrank_train.projectors.galore import BATCH_BYTES, SVDProjector
 
 GIB = 2**30
@@ -392,6 +393,21 @@ def refresh_workspace(optimizer: torch.optim.Optimizer) -> int:
     return largest
 
 
+def held_bases(optimizer: torch.optim.Optimizer, per_layer: bool) -> int:
+    """The new bases a refresh holds until it installs them (`LowRankAdam.held`): every
+    projected tensor's at once, or one tensor's when each steps in its own hook (per-layer)."""
+    sizes = [0]
+    for opt in inner_optimizers(optimizer).values():
+        projector = getattr(opt, "projector", None)
+        if not isinstance(projector, LowRankAdam):
+            continue
+        for g in opt.param_groups:
+            for p in g["params"]:
+                grad = opt.writers[p].grad if p in opt.writers else p  # a writer's: its buffer
+                sizes.append(projector.held_basis_bytes(tuple(grad.shape), grad.dtype))
+    return max(sizes) if per_layer else sum(sizes)
+
+
 def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: str) -> Plan:
     """The plan of a built (meta) run: its components, then its phases."""
     weights, scales = stored_bytes(model)
@@ -424,7 +440,7 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     step_temp = max(
         2 * FP32 * numel_of_largest(projected_tensors(optimizer)), run_temporaries(optimizer)
     )
-    refresh = refresh_workspace(optimizer)
+    refresh = refresh_workspace(optimizer) + held_bases(optimizer, per_layer)
     # backward, layer by layer from the top: the gradients so far beside the activations left
     layer_grads = [
         0 if per_layer else sum(tensor_bytes(p) for p in layer.parameters() if p.requires_grad)

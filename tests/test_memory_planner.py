@@ -395,3 +395,31 @@ def test_loqt_plans_the_captured_gradients_of_a_merge_step(tiny_run):
     assert plan.phases["forward"] - captured > resident  # activations beside the buffers
     assert plan.components["temporary"] == plan.phases["merge"] - resident
     assert without.phases.get("merge") is None
+
+
+@pytest.mark.parametrize("projector", ["galore", "qgalore", "apollo"])
+def test_a_refresh_holds_its_new_bases_as_planned_and_no_finder_batch(tiny_run, projector):
+    """Every new basis waits for `install` in its own storage (no view keeps a batched finder's
+    output alive), in the stored dtype (bf16 here; Q-GaLore fp32, which it quantizes), and their
+    bytes are the planner's `held_bases`."""
+    from lowrank_train.planner import held_bases
+
+    overrides = [f"optim.projector.name={projector}", "model.dtype=bfloat16"]
+    cfg, _ = load_run(tiny_run(), [*overrides, "model.autocast=off", "optim.projector.rank=8"])
+    built = build_run(cfg, VOCAB, CPU)
+    opt = inner_optimizers(built.optimizer)[projector]
+    held, install = Storage(), opt.projector.install
+    dtypes = set()
+
+    def spy(basis, state, dtype):
+        assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
+        dtypes.add(basis.dtype)
+        held.add(basis)
+        install(basis, state, dtype)
+
+    opt.projector.install = spy
+    x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
+    causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
+    built.optimizer.step()  # step 1 refreshes every projected tensor
+    assert dtypes == {torch.float32 if projector == "qgalore" else torch.bfloat16}
+    assert held.bytes == held_bases(built.optimizer, per_layer=False) > 0

@@ -339,10 +339,20 @@ class LowRankAdam(Projector):
             raise FloatingPointError("the basis finder returned non-finite values")
         self.install(basis, state, grad.dtype)
 
+    def held(self, basis: Tensor, dtype: torch.dtype) -> Tensor:
+        """A found basis as it waits for `install` (a refresh installs none before every basis
+        is found): in the stored dtype, its own copy, so neither fp32 nor a batched finder's
+        output outlives the finder call. `install` then converts nothing."""
+        return basis.to(dtype, copy=True)
+
+    def held_basis_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        """The bytes `held` keeps for one (d, r) basis of a `shape` tensor (the planner's)."""
+        return min(shape) * self.options.rank * dtype.itemsize
+
     def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
         """Refresh several tensors; all or none (raises before installing any basis). One at a
         time here; SVD projectors batch the tensors of one shape."""
-        bases = [self.new_basis(grad, state) for grad, state in items]
+        bases = [self.held(self.new_basis(grad, state), grad.dtype) for grad, state in items]
         if bases and not torch.isfinite(torch.stack([b.abs().sum() for b in bases])).all():
             raise FloatingPointError("the basis finder returned non-finite values")
         for (grad, state), basis in zip(items, bases, strict=True):
@@ -570,6 +580,9 @@ class FullAdam(LowRankAdam):
         return low_update
 
     run_item_bytes = Projector.run_item_bytes  # no runs (`run_temporary_bytes` 0)
+
+    def held_basis_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        return 0  # never refreshes
 
     def update_many_(self, items: list[tuple[Tensor, Tensor, State, int]], hp: dict) -> None:
         """One tensor at a time: R is G itself, and stacking would copy full-size gradients."""

@@ -66,7 +66,9 @@ class SVDProjector(LowRankAdam):
                     gens,
                     self.finder_fallbacks,
                 )
-                found += list(zip(part, [b.clone() for b in bases.unbind(0)], strict=True))
+                kept = [self.held(b, grads.dtype) for b in bases.unbind(0)]
+                found += list(zip(part, kept, strict=True))
+                del grads, bases, previous  # freed before the next chunk's are made
         if not torch.isfinite(torch.stack([b.abs().sum() for _, b in found])).all():
             raise FloatingPointError("the basis finder returned non-finite values")
         for (grad, state), basis in found:  # nothing installed before every basis is known

@@ -160,6 +160,13 @@ class QGaLore(SVDProjector):
     def previous_basis(self, state: State) -> Tensor | None:
         return self.basis_of(state, torch.float32) if "basis_codes" in state else None
 
+    def held(self, basis: Tensor, dtype: torch.dtype) -> Tensor:
+        """fp32: `install` quantizes the finder's basis, not a bf16 rounding of it."""
+        return basis.to(torch.float32, copy=True)
+
+    def held_basis_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
+        return min(shape) * self.options.rank * 4
+
     def install(self, new: Tensor, state: State, dtype: torch.dtype) -> None:
         """Quantize the (finite) new basis to INT4 and update the lazy gap from its leading
         vector; the moments carried against the dequantized bases."""
