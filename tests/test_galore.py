@@ -224,19 +224,30 @@ def tall(d: int, w: int, condition: float, seed: int) -> torch.Tensor:
     return ((u * s) @ v.T).float()
 
 
-@pytest.mark.parametrize("condition, householder", [(1e2, False), (1e5, False), (1e9, True)])
-def test_orthonormal_spans_y_with_orthonormal_columns(monkeypatch, condition, householder):
+@pytest.mark.parametrize(
+    "d, w, condition, householder",
+    [
+        (200, 24, 1e2, False),
+        (200, 24, 1e5, False),
+        (200, 24, 1e9, True),
+        (2736, 528, 1e5, False),
+        (5461, 528, 3e5, False),
+    ],
+)
+def test_orthonormal_spans_y_with_orthonormal_columns(monkeypatch, d, w, condition, householder):
     """Shifted CholeskyQR3 (and, past its range of about 1 / eps, the Householder fallback)
-    gives Q^T Q = I and Q Q^T Y = Y in fp32; Householder runs only past that range."""
+    gives Q^T Q = I and Q Q^T Y = Y in fp32; Householder runs only past that range. At a warm
+    refresh's sizes too (350M's and 1B's MLP, w 528), where Fukaya's shift exceeded ||Y||^2
+    and Y failed past cond ~1e4."""
     from lowrank_train.projectors import subspace
 
-    y = tall(200, 24, condition, seed=0)
+    y = tall(d, w, condition, seed=0)
     used = []
     qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda a: used.append(1) or qr(a))
     q = subspace.orthonormal(y)
     assert bool(used) == householder
-    eye = torch.eye(24)
+    eye = torch.eye(w)
     torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=5e-6)
     residual = (y - q @ (q.T @ y)).norm() / y.norm()
     assert residual < 1e-5, residual

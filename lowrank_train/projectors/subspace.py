@@ -188,23 +188,36 @@ def orthonormal(y: Tensor) -> Tensor:
 
 def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
     """(Q, failed): shifted CholeskyQR3 (Fukaya et al. 2020) of Y (..., d, w), without a host
-    sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift in the first), so the span
-    never changes, only the conditioning: the shifted pass brings any Y with condition number
-    below about 1 / eps into CholeskyQR2's range, and two plain passes make Q orthonormal to
-    working precision. A w x w Gram, a Cholesky and a triangular solve per pass, where a
+    sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift s in the first), so the span
+    never changes, only the conditioning: the shifted pass divides the condition number by
+    about ||Y|| / sqrt(s), bringing Y into CholeskyQR2's range, and two plain passes make Q
+    orthonormal to working precision. A w x w Gram, a Cholesky, R's inverse and a GEMM per
+    pass, where a
     Householder QR of the tall d x w matrix is latency-bound on a GPU (it was most of a refresh
     at 1B). `failed` (...) flags the matrices whose Cholesky failed in some pass; their Q is
     zero (never NaN, so the finders' later factorizations of a batch cannot raise)."""
     d, w = y.shape[-2:]
     unit = torch.finfo(y.dtype).eps / 2
-    shift = 11 * (d * w + w * (w + 1)) * unit * y.square().sum(dim=(-2, -1), keepdim=True)
+    # Fukaya's proven shift, 11 (d w + w (w + 1)) u ||Y||_F^2, exceeds ||Y||_F^2 itself at a
+    # refresh's sizes in fp32 (1.1x at 2736 x 528), so its pass conditioned nothing and any Y
+    # past cond ~1e4 failed a plain pass: 21 of 168 warm matrices at 350M, rank 512 (H200,
+    # 2026-12-03, bench_optim's optim-15), each redone by Householder. The shift only has to
+    # cover the Gram's rounding, which grows as sqrt(d) u ||Y||^2 in practice (errors of
+    # random sign), not as d w u: with it, Y up to cond ~1e6 passes at 1B's shapes (5461 x
+    # 528). Where it is too small the Cholesky fails, is flagged and the matrix is redone, so
+    # correctness never rests on it.
+    shift = d**0.5 * unit * y.square().sum(dim=(-2, -1), keepdim=True)
     eye = torch.eye(w, dtype=y.dtype, device=y.device)
     q, failed = y, torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
     for shifted in (True, False, False):
         gram = q.mT @ q + (shift * eye if shifted else 0)
         r, info = torch.linalg.cholesky_ex(gram, upper=True)
         failed = failed | (info != 0)
-        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
+        # Q R^-1 as a GEMM with R's w x w inverse: the d x w triangular solve was 0.33 s of a
+        # 0.79 s warm refresh at 1B (cuBLAS's batched trsm runs far below GEMM rate;
+        # bench_optim's refresh case, H200, 2026-12-03). The next pass absorbs the inverse's
+        # rounding (the error of either form grows with cond(R)); the last one's R is ~I.
+        q = q @ torch.linalg.solve_triangular(r, eye, upper=True)
         q = torch.where(failed[..., None, None], 0.0, q)
     return q, failed
 
