@@ -191,10 +191,10 @@ def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
     sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift s in the first), so the span
     never changes, only the conditioning: the shifted pass divides the condition number by
     about ||Y|| / sqrt(s), bringing Y into CholeskyQR2's range, and two plain passes make Q
-    orthonormal to working precision. A w x w Gram, a Cholesky, R's inverse and a GEMM per
-    pass, where a
-    Householder QR of the tall d x w matrix is latency-bound on a GPU (it was most of a refresh
-    at 1B). `failed` (...) flags the matrices whose Cholesky failed in some pass; their Q is
+    orthonormal to working precision. A w x w Gram, a Cholesky and a triangular solve per
+    pass (as a GEMM with R's inverse it was no faster: 0.81 s against 0.79 s a warm refresh
+    at 1B, refresh-7 and refresh-6, H200, 2026-12-03), where a Householder QR of the tall
+    d x w matrix is latency-bound on a GPU (it was most of a refresh at 1B). `failed` (...) flags the matrices whose Cholesky failed in some pass; their Q is
     zero (never NaN, so the finders' later factorizations of a batch cannot raise)."""
     d, w = y.shape[-2:]
     unit = torch.finfo(y.dtype).eps / 2
@@ -213,11 +213,7 @@ def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
         gram = q.mT @ q + (shift * eye if shifted else 0)
         r, info = torch.linalg.cholesky_ex(gram, upper=True)
         failed = failed | (info != 0)
-        # Q R^-1 as a GEMM with R's w x w inverse: the d x w triangular solve was 0.33 s of a
-        # 0.79 s warm refresh at 1B (cuBLAS's batched trsm runs far below GEMM rate;
-        # bench_optim's refresh case, H200, 2026-12-03). The next pass absorbs the inverse's
-        # rounding (the error of either form grows with cond(R)); the last one's R is ~I.
-        q = q @ torch.linalg.solve_triangular(r, eye, upper=True)
+        q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
         q = torch.where(failed[..., None, None], 0.0, q)
     return q, failed
 
