@@ -165,7 +165,7 @@ class QGaLore(SVDProjector):
         return basis.to(torch.float32, copy=True)
 
     def held_basis_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
-        return min(shape) * self.options.rank * 4
+        return super().held_basis_bytes(shape, torch.float32)
 
     def install(self, new: Tensor, state: State, dtype: torch.dtype) -> None:
         """Quantize the (finite) new basis to INT4 and update the lazy gap from its leading

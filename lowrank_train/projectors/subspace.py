@@ -195,7 +195,8 @@ def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
     pass (as a GEMM with R's inverse it was no faster: 0.81 s against 0.79 s a warm refresh
     at 1B, refresh-7 and refresh-6, H200, 2026-12-03), where a Householder QR of the tall
     d x w matrix is latency-bound on a GPU (it was most of a refresh at 1B). `failed` (...)
-    flags the matrices whose Cholesky failed in some pass; their Q is zero (never NaN, so the finders' later factorizations of a batch cannot raise)."""
+    flags the matrices whose Cholesky failed in some pass; their Q is zero (never NaN, so the
+    finders' later factorizations of a batch cannot raise)."""
     d, w = y.shape[-2:]
     unit = torch.finfo(y.dtype).eps / 2
     # Fukaya's proven shift, 11 (d w + w (w + 1)) u ||Y||_F^2, exceeds ||Y||_F^2 itself at a
