@@ -16,7 +16,7 @@ from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
 from lowrank_train.evaluation import causal_lm_loss, compute_context
 from lowrank_train.parameterizations.base import ParameterizedLinear, storage_allocated
-from lowrank_train.planner import GIB, inner_optimizers, plan_run, with_changes
+from lowrank_train.planner import GIB, held_bases, inner_optimizers, plan_run, with_changes
 from lowrank_train.precision import resolve_precision
 from lowrank_train.resolve import load_run
 from lowrank_train.trainer import build_run
@@ -402,8 +402,6 @@ def test_a_refresh_holds_its_new_bases_as_planned_and_no_finder_batch(tiny_run, 
     """Every new basis waits for `install` in its own storage (no view keeps a batched finder's
     output alive), in the stored dtype (bf16 here; Q-GaLore fp32, which it quantizes), and their
     bytes are the planner's `held_bases`."""
-    from lowrank_train.planner import held_bases
-
     overrides = [f"optim.projector.name={projector}", "model.dtype=bfloat16"]
     cfg, _ = load_run(tiny_run(), [*overrides, "model.autocast=off", "optim.projector.rank=8"])
     built = build_run(cfg, VOCAB, CPU)
