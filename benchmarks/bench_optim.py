@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loop import bare  # noqa: E402
 from harness import case_main, result_line, run_cases, write_results  # noqa: E402
 
-from lowrank_train.projectors.galore import BATCH_BYTES  # noqa: E402
+from lowrank_train.projectors.galore import REFRESH_WORKSPACE_BYTES, GaLore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CAP_GIB = 24.0
@@ -160,6 +160,7 @@ def refresh_timing(case: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     out = {"exact_s": 0.0, "fast_cold_s": 0.0, "fast_warm_s": 0.0, "energy_ratio_min": 1.0}
     r = case["rank"]
+    galore = GaLore(GaLore.Config(rank=r))
     for (m, n), count in shapes.items():
         side = subspace.side_of((m, n))
         g = synthetic_gradient(m, n)
@@ -176,7 +177,8 @@ def refresh_timing(case: dict) -> dict:
         out["fast_cold_s"] += cold_s * count
         out["fast_warm_s"] += warm_s * count
         # the warm refresh as the optimizer runs it: same-shape matrices in one batched call
-        batch = max(1, min(count, BATCH_BYTES // (4 * m * n)))
+        # (with the cap: a training run's headroom may make the calls smaller)
+        batch = galore.refresh_chunk((m, n), g.dtype, True, count, REFRESH_WORKSPACE_BYTES)
         grads = torch.stack([g2] * batch)
         starts = torch.stack([previous] * batch)
         fallbacks = []  # Householder fallbacks: a matrix whose CholeskyQR failed is redone

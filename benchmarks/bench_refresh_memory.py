@@ -1,10 +1,12 @@
-"""The memory a batched refresh allocates beyond its gradients (the planner's SVD_WORKSPACE): for
-each basis finder (exact, fast cold, fast warm) and the shapes of a 7B layer at GaLore's rank
-1024, the CUDA allocator's peak during one `SVDProjector.refresh_many`-shaped call (the stacked
-gradients, the finder, the per-matrix clones) less what was allocated before it, over the fp32
-bytes of the batch's input. One JSON line per case (bench "refresh_memory").
+"""The memory a batched refresh allocates beyond its gradients, per matrix: for each basis finder
+(exact, fast cold, fast warm), the shapes of the 350M, 1B and 7B layers and the ranks their
+recipes run, the CUDA allocator's peak during one `SVDProjector.refresh_many`-shaped call (the
+stacked gradients, the finder, the bases held in the gradients' dtype) less what was allocated
+before it, over the call's matrices. Each row also carries the planner's model of it
+(`projectors.galore.finder_workspace_bytes`), so a row whose ratio strays says the model is
+off. One JSON line per case (bench "refresh_memory").
 
-    python benchmarks/bench_refresh_memory.py --out-dir $OUT [--device-slug h200]
+    python benchmarks/bench_refresh_memory.py --out-dir $OUT [--device-slug h200] [--call NAME]
 """
 
 from __future__ import annotations
@@ -16,59 +18,77 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import result_line, write_results  # noqa: E402
 
-# (rows, cols, matrices in one batched call: the planner's chunk of BATCH_BYTES at 7B)
-SHAPES = [(4096, 4096, 4), (11008, 4096, 1), (4096, 11008, 1)]
+# (rows, cols, ranks): 350M (hidden 1024, MLP 2736), 1B (2048, 5461), 7B (4096, 11008)
+SHAPES = [
+    (1024, 1024, (128, 512)),
+    (2736, 1024, (128, 512)),
+    (1024, 2736, (512,)),
+    (2048, 2048, (256, 512, 1024)),
+    (5461, 2048, (512, 1024)),
+    (4096, 4096, (1024,)),
+    (11008, 4096, (1024,)),
+]
+MATRICES = 4  # in one batched call: per-matrix bytes, with the call's fixed cost spread
 
 
 def measure(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> dict:
     import torch
 
-    from lowrank_train.projectors.subspace import side_of, svd_basis
+    from lowrank_train.projectors.subspace import finder_workspace_bytes, side_of, svd_basis
     from lowrank_train.seeding import generator
 
     device = torch.device("cuda")
     grads = [torch.randn(m, n, device=device, dtype=torch.bfloat16) for _ in range(count)]
     side = side_of((m, n))
     d = min(m, n)
-    previous = torch.randn(count, d, rank, device=device) if warm else None
+    previous = [torch.randn(d, rank, device=device, dtype=torch.bfloat16) for _ in range(count)]
     gens = [generator(0, f"t{i}", "refresh", 0) for i in range(count)]
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     stacked = torch.stack(grads)
-    bases = svd_basis(stacked, side, rank, method, previous, gens)
-    kept = [b.clone() for b in bases.unbind(0)]
+    start = torch.stack(previous) if warm else None
+    bases = svd_basis(stacked, side, rank, method, start, gens)
+    held = [b.to(torch.bfloat16, copy=True) for b in bases.unbind(0)]
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    del stacked, bases, kept
-    return {"extra_bytes": extra, "input_fp32_bytes": 4 * m * n * count}
+    del stacked, start, bases, held
+    planned = finder_workspace_bytes((m, n), rank, method, warm, torch.bfloat16)
+    return {
+        "extra_bytes_per_matrix": extra // count,
+        "planned_bytes_per_matrix": planned,
+        "measured_over_planned": round(extra / count / planned, 3),
+        "input_fp32_bytes_per_matrix": 4 * m * n,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rank", type=int, default=1024)
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--device-slug")
+    ap.add_argument("--call")
     args = ap.parse_args()
     rows = []
-    for m, n, count in SHAPES:
-        for method, warm in [("exact", False), ("fast", False), ("fast", True)]:
-            got = measure(m, n, count, args.rank, method, warm)
-            factor = got["extra_bytes"] / got["input_fp32_bytes"]
-            label = f"{method}{' warm' if warm else ''}"
-            print(
-                f"{m}x{n} x{count} rank {args.rank} {label}: {factor:.2f} x fp32 input", flush=True
-            )
-            rows.append(
-                result_line(
-                    bench="refresh_memory",
-                    case={"shape": [m, n], "matrices": count, "rank": args.rank},
-                    provider="ours",
-                    method=label,
-                    settings={"grad_dtype": "bfloat16"},
-                    metrics={**got, "workspace_factor": round(factor, 3)},
+    for m, n, ranks in SHAPES:
+        for rank in ranks:
+            for method, warm in [("exact", False), ("fast", False), ("fast", True)]:
+                got = measure(m, n, MATRICES, rank, method, warm)
+                label = f"{method}{' warm' if warm else ''}"
+                print(
+                    f"{m}x{n} rank {rank} {label}: {got['extra_bytes_per_matrix'] / 2**20:.1f} "
+                    f"MiB a matrix, {got['measured_over_planned']:.3f}x planned",
+                    flush=True,
                 )
-            )
+                rows.append(
+                    result_line(
+                        bench="refresh_memory",
+                        case={"shape": [m, n], "matrices": MATRICES, "rank": rank},
+                        provider="ours",
+                        method=label,
+                        settings={"grad_dtype": "bfloat16", "call": args.call},
+                        metrics=got,
+                    )
+                )
     print(f"rows: {write_results('refresh_memory', args.device_slug, rows, args.out_dir)}")
 
 

@@ -123,7 +123,16 @@ def idle_gaps(trace: dict, top: int, steps: int = 1, floor_us: float = 10.0) -> 
 
 
 def profile_step(method: str, args) -> dict:
+    from lowrank_train.planner import refresh_workspace, run_temporaries
+    from lowrank_train.projectors import galore
+
+    # no backward pass here frees memory to size a refresh's finder calls by (`refresh_budget`
+    # would give ~0): they take the cap, as in a run whose backward frees more than it
+    galore.refresh_budget = lambda device: galore.REFRESH_WORKSPACE_BYTES
+
     model, optimizer = build(args.preset, method, args.state_dtype, args.rank, args.set)
+    planned_step = run_temporaries(optimizer)
+    planned_refresh = refresh_workspace(optimizer, galore.REFRESH_WORKSPACE_BYTES, per_layer=False)
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else lambda: None
     gen = torch.Generator(device="cuda" if cuda else "cpu").manual_seed(0)
@@ -131,11 +140,15 @@ def profile_step(method: str, args) -> dict:
     for _ in range(args.warm):  # the first refresh and any compile or autotune happen here
         optimizer.step()
     sync()
+    if cuda:  # what a step allocates beyond the weights, gradients and state it starts from
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         optimizer.step()
     sync()
     wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+    step_extra = torch.cuda.max_memory_allocated() - base if cuda else None
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     ) as prof:
@@ -167,6 +180,10 @@ def profile_step(method: str, args) -> dict:
         "gpu_ms": round(gpu_ms, 3),
         "launches": launches // args.steps,
         "peak_alloc_gib": None if peak is None else round(peak, 3),
+        "step_extra_gib": None if step_extra is None else round(step_extra / 2**30, 4),
+        # the planner's temporaries of a step and of a refresh step, for the same optimizer
+        "planned_step_temp_gib": round(planned_step / 2**30, 4),
+        "planned_refresh_gib": round(planned_refresh / 2**30, 4),
         "top_kernels_ms": {name[:120]: round(ms, 3) for name, ms in top},
         # host time of each ATen op (a sync's wait included: it shows where the host blocks)
         "top_host_ms": {
@@ -194,7 +211,9 @@ def main() -> None:
         metrics = profile_step(method, args)
         print(
             f"{method}: wall {metrics['wall_ms']:.1f} ms, gpu {metrics['gpu_ms']:.1f} ms, "
-            f"{metrics['launches']} launches/step, peak_alloc {metrics['peak_alloc_gib']} GiB",
+            f"{metrics['launches']} launches/step, peak_alloc {metrics['peak_alloc_gib']} GiB, "
+            f"step extra {metrics['step_extra_gib']} GiB (planned: step "
+            f"{metrics['planned_step_temp_gib']}, refresh {metrics['planned_refresh_gib']})",
             flush=True,
         )
         for name, ms in metrics["top_kernels_ms"].items():

@@ -29,7 +29,7 @@ from lowrank_train.parameterizations import ParameterizedLinear
 from lowrank_train.precision import Precision, resolve_precision
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.base import LowRankAdam
-from lowrank_train.projectors.galore import BATCH_BYTES, SVDProjector
+from lowrank_train.projectors.galore import REFRESH_WORKSPACE_BYTES, SVDProjector
 
 GIB = 2**30
 FP32 = 4
@@ -44,11 +44,6 @@ CUDA_CONTEXT_BYTES = int(
     0.5 * GIB
 )  # the H200's measured 0.51 GiB; MemoryMonitor reads the real one
 CPU_RUNTIME_BYTES = int(0.4 * GIB)  # CPU: max RSS of Python with lowrank_train and torch imported
-# A batched refresh's allocations (the stacked gradients, the finder's temporaries, the kept
-# bases) over the batch's fp32 input bytes, by optim.projector.svd: the largest measured at a 7B
-# layer's shapes and rank 1024 (bench_refresh_memory.py, H200, 2026-12-01: exact 5.01-6.36,
-# fast 2.52-3.04 cold and warm; benchmarks/results/refresh_memory_h200_2026-12-01.jsonl).
-SVD_WORKSPACE = {"exact": 6.4, "fast": 3.1}
 EXTRA_TOKENS = 7  # token count of the probe forward of one parameterized layer (see layer_extra)
 
 
@@ -373,39 +368,31 @@ def run_temporaries(optimizer: torch.optim.Optimizer) -> int:
     return out
 
 
-def refresh_workspace(optimizer: torch.optim.Optimizer) -> int:
-    """The largest batched basis-finder call of an SVD projector's refresh: the tensors of one
-    shape in chunks of at most BATCH_BYTES of fp32 input (at least one matrix), x the finder's
-    SVD_WORKSPACE."""
+def refresh_workspace(optimizer: torch.optim.Optimizer, budget: int, per_layer: bool) -> int:
+    """The largest allocation of a refresh beyond the gradients: an SVD projector's largest
+    batched finder call (`SVDProjector.refresh_chunk` matrices of one shape within `budget`,
+    each its `refresh_matrix_bytes`, cold or warm; one matrix per call when each tensor steps in
+    its own hook), or the largest new basis of a projector that refreshes one tensor at a time."""
     largest = 0
-    for opt in inner_optimizers(optimizer).values():
-        if not isinstance(getattr(opt, "projector", None), SVDProjector):
-            continue
-        factor = SVD_WORKSPACE[opt.projector.options.svd]
-        shapes: dict[tuple, int] = {}
-        for g in opt.param_groups:
-            for p in g["params"]:
-                shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
-        for (m, n), count in shapes.items():
-            matrix = FP32 * m * n
-            batch = min(count, max(1, BATCH_BYTES // matrix)) * matrix
-            largest = max(largest, int(factor * batch))
-    return largest
-
-
-def held_bases(optimizer: torch.optim.Optimizer, per_layer: bool) -> int:
-    """The new bases a refresh holds until it installs them (`LowRankAdam.held`): every
-    projected tensor's at once, or one tensor's when each steps in its own hook (per-layer)."""
-    sizes = [0]
     for opt in inner_optimizers(optimizer).values():
         projector = getattr(opt, "projector", None)
         if not isinstance(projector, LowRankAdam):
             continue
+        shapes: dict[tuple, int] = {}
         for g in opt.param_groups:
             for p in g["params"]:
                 grad = opt.writers[p].grad if p in opt.writers else p  # a writer's: its buffer
-                sizes.append(projector.held_basis_bytes(tuple(grad.shape), grad.dtype))
-    return max(sizes) if per_layer else sum(sizes)
+                key = (tuple(grad.shape), grad.dtype)
+                shapes[key] = 1 if per_layer else shapes.get(key, 0) + 1
+        for (shape, dtype), count in shapes.items():
+            if not isinstance(projector, SVDProjector):
+                largest = max(largest, projector.held_basis_bytes(shape, dtype))
+                continue
+            for warm in (False, True):
+                chunk = projector.refresh_chunk(shape, dtype, warm, count, budget)
+                call = chunk * projector.refresh_matrix_bytes(shape, dtype, warm)
+                largest = max(largest, call)
+    return largest
 
 
 def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: str) -> Plan:
@@ -440,7 +427,6 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     step_temp = max(
         2 * FP32 * numel_of_largest(projected_tensors(optimizer)), run_temporaries(optimizer)
     )
-    refresh = refresh_workspace(optimizer) + held_bases(optimizer, per_layer)
     # backward, layer by layer from the top: the gradients so far beside the activations left
     layer_grads = [
         0 if per_layer else sum(tensor_bytes(p) for p in layer.parameters() if p.requires_grad)
@@ -465,6 +451,15 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     phases = {
         "forward": resident + held + captured + acts.total + max(loss_temp, transient),
         "backward": resident + captured + max(held + acts.total + loss_temp, walk + transient),
+    }
+    # a refresh's finder calls take at most what the backward pass freed on CUDA
+    # (`refresh_budget`), and the fixed cap elsewhere
+    budget = REFRESH_WORKSPACE_BYTES
+    if device == "cuda":
+        freed = max(phases.values()) - (resident + grads + during_backward)
+        budget = max(0, min(budget, freed))
+    refresh = refresh_workspace(optimizer, budget, per_layer)
+    phases |= {
         "optimizer_step": resident + grads + step_temp + during_backward,
         "refresh": resident + grads + refresh + during_backward,
     }

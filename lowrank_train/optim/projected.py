@@ -36,7 +36,6 @@ from lowrank_train.projectors.base import Projector
 log = logging.getLogger(__name__)
 
 STATE_DTYPES = ("auto", "float32", "bfloat16", "int8")
-FINDER_ERRORS = (torch.linalg.LinAlgError, FloatingPointError, RuntimeError)
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -198,17 +197,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for (_, name, _), ok in zip(due, finite, strict=True):
             if not ok:
                 self._kept(step, name, "non-finite gradient")
-        try:
-            self.projector.refresh_many([(g, s) for g, _, s in good])
-            done = good
-        except FINDER_ERRORS:  # one bad matrix spoils a batch: find it, keep the others
-            done = []
-            for grad, name, state in good:
-                try:
-                    self.projector.refresh(grad, state)
-                    done.append((grad, name, state))
-                except FINDER_ERRORS as e:
-                    self._kept(step, name, f"basis finder failed: {str(e).splitlines()[0]}")
+        failed = self.projector.refresh_many([(g, s) for g, _, s in good])
+        for i, reason in failed.items():
+            self._kept(step, good[i][1], f"basis finder failed: {reason}")
+        done = [item for i, item in enumerate(good) if i not in failed]
         for _, _, state in done:
             _broadcast(state, self.projector.shared_keys)
         fallbacks = sum(self.projector.finder_fallbacks)

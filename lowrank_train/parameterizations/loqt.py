@@ -71,7 +71,7 @@ from lowrank_train.parameterizations.quantized import (
     matmul_knob,
     quantized_linear,
 )
-from lowrank_train.projectors.subspace import side_of, svd_basis
+from lowrank_train.projectors.subspace import finder_workspace_bytes, side_of, svd_basis
 from lowrank_train.seeding import generator
 
 FORMATS = {
@@ -191,13 +191,15 @@ class LoQTLinear(ParameterizedLinear):
         return 4 * self.out_features * self.in_features
 
     def merge_workspace_bytes(self) -> int:
-        """A merge's peak beside the captured G, in fp32 matrices of W's shape: the merged W
-        with the basis finder's workspace on G (the planner's measured SVD_WORKSPACE factor),
-        or later `requantize`'s W, target, residual and low-rank or dequantized temporary."""
-        from lowrank_train.planner import SVD_WORKSPACE  # lazily: the planner imports models
-
-        matrix = 4 * self.out_features * self.in_features
-        return int(max(1 + SVD_WORKSPACE[self.options.svd], 4) * matrix)
+        """A merge's peak beside the captured G: the merged W (fp32) with the basis finder's
+        workspace on G (the planner's measured `finder_workspace_bytes`, warm: the larger), or
+        later `requantize`'s W, target, residual and low-rank or dequantized temporary (four
+        fp32 matrices of W's shape)."""
+        shape = (self.out_features, self.in_features)
+        matrix = 4 * shape[0] * shape[1]
+        o = self.options
+        finder = finder_workspace_bytes(shape, o.rank, o.svd, True, torch.float32)
+        return max(matrix + finder, 4 * matrix)
 
     def p_hat(self) -> Tensor:
         """P^: the projection the forward uses, in the factor's dtype."""

@@ -22,6 +22,9 @@ from lowrank_train.kernels import ops as kernels
 from lowrank_train.projectors.subspace import side_of
 from lowrank_train.registry import Registry
 
+# what a failing basis finder raises (a singular factorization, a non-finite basis, cuSOLVER)
+FINDER_ERRORS = (torch.linalg.LinAlgError, FloatingPointError, RuntimeError)
+
 if TYPE_CHECKING:
     from lowrank_train.config import RunConfig
 
@@ -95,10 +98,17 @@ class Projector:
         """A new basis from the gradient (or a seed); keeps, resets or rotates the moments."""
         raise NotImplementedError
 
-    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
-        """Refresh several (gradient, state) pairs, all or none: raise before changing any."""
-        for grad, state in items:
-            self.refresh(grad, state)
+    def refresh_many(self, items: list[tuple[Tensor, State]]) -> dict[int, str]:
+        """Refresh several (gradient, state) pairs, each installed as soon as it is found (so a
+        refresh holds one new basis, or one batched call's); returns, by position, why each
+        that kept its old basis did (a finder error or a non-finite basis)."""
+        failed = {}
+        for i, (grad, state) in enumerate(items):
+            try:
+                self.refresh(grad, state)
+            except FINDER_ERRORS as e:
+                failed[i] = str(e).splitlines()[0]
+        return failed
 
     def refresh_input(self, param: Tensor, grad: Tensor) -> Tensor:
         """The matrix `refresh` reads: the gradient (GradNormLoRP: its direction's gradient)."""
@@ -340,23 +350,14 @@ class LowRankAdam(Projector):
         self.install(basis, state, grad.dtype)
 
     def held(self, basis: Tensor, dtype: torch.dtype) -> Tensor:
-        """A found basis as it waits for `install` (a refresh installs none before every basis
-        is found): in the stored dtype, its own copy, so neither fp32 nor a batched finder's
-        output outlives the finder call. `install` then converts nothing."""
+        """A found basis as it waits for `install` (a batched finder call's bases are installed
+        once all of them are known finite): in the stored dtype, its own copy, so neither fp32
+        nor the batched output outlives the finder call. `install` then converts nothing."""
         return basis.to(dtype, copy=True)
 
     def held_basis_bytes(self, shape: tuple[int, int], dtype: torch.dtype) -> int:
         """The bytes `held` keeps for one (d, r) basis of a `shape` tensor (the planner's)."""
         return min(shape) * self.options.rank * dtype.itemsize
-
-    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
-        """Refresh several tensors; all or none (raises before installing any basis). One at a
-        time here; SVD projectors batch the tensors of one shape."""
-        bases = [self.held(self.new_basis(grad, state), grad.dtype) for grad, state in items]
-        if bases and not torch.isfinite(torch.stack([b.abs().sum() for b in bases])).all():
-            raise FloatingPointError("the basis finder returned non-finite values")
-        for (grad, state), basis in zip(items, bases, strict=True):
-            self.install(basis, state, grad.dtype)
 
     def install(self, basis: Tensor, state: State, dtype: torch.dtype) -> None:
         """Store a new (finite) basis in the parameter's dtype, carrying the moments as

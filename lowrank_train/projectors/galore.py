@@ -17,11 +17,32 @@ import torch
 from torch import Tensor
 
 from lowrank_train.config import knob
-from lowrank_train.projectors.base import PROJECTORS, LowRankAdam, State, SVDOptions
-from lowrank_train.projectors.subspace import svd_basis
+from lowrank_train.projectors.base import (
+    FINDER_ERRORS,
+    PROJECTORS,
+    LowRankAdam,
+    State,
+    SVDOptions,
+)
+from lowrank_train.projectors.subspace import finder_workspace_bytes, svd_basis
 from lowrank_train.seeding import generator
 
-BATCH_BYTES = 2**28  # fp32 input of one batched finder call (256 MiB; temporaries ~3x that)
+# The most one batched finder call may allocate (`finder_workspace_bytes` of its matrices, 1
+# GiB): a QR, eigh or SVD of a small matrix is latency-bound on a GPU, so b of them cost little
+# more than one, and at 1B's shapes ~20 matrices a call already fill the GPU.
+REFRESH_WORKSPACE_BYTES = 2**30
+
+
+def refresh_budget(device: torch.device) -> int:
+    """The bytes one batched finder call may allocate: REFRESH_WORKSPACE_BYTES, and on CUDA at
+    most the headroom under the run's allocation peak so far (max_memory_allocated -
+    memory_allocated: what the backward pass freed), so a refresh never raises a run's peak
+    unless one matrix alone exceeds it. Elsewhere the cap alone: a chunking that depends on the
+    shapes only."""
+    if device.type != "cuda":
+        return REFRESH_WORKSPACE_BYTES
+    headroom = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    return max(0, min(REFRESH_WORKSPACE_BYTES, headroom))
 
 
 class SVDProjector(LowRankAdam):
@@ -39,40 +60,65 @@ class SVDProjector(LowRankAdam):
         o = self.options
         return svd_basis(grad, state["side"], o.rank, o.svd, previous, gen, self.finder_fallbacks)
 
-    def refresh_many(self, items: list[tuple[Tensor, State]]) -> None:
-        """All tensors of one shape (and warm or cold) in batched finder calls, in chunks of at
-        most BATCH_BYTES of fp32 input: a QR, eigh or SVD of a small matrix is latency-bound on
-        a GPU, so b of them cost little more than one. Each matrix gets what it would get alone."""
-        if type(self).new_basis is not SVDProjector.new_basis:  # another finder: one at a time
-            return super().refresh_many(items)
-        groups: dict[tuple, list[tuple[Tensor, State]]] = {}
-        for grad, state in items:
+    def refresh_matrix_bytes(self, shape: tuple[int, int], dtype: torch.dtype, warm: bool) -> int:
+        """One matrix's share of a batched refresh call: the finder's workspace and the new
+        basis held until the call's bases are installed."""
+        o = self.options
+        workspace = finder_workspace_bytes(shape, o.rank, o.svd, warm, dtype)
+        return workspace + self.held_basis_bytes(shape, dtype)
+
+    def refresh_chunk(
+        self, shape: tuple[int, int], dtype: torch.dtype, warm: bool, count: int, budget: int
+    ) -> int:
+        """How many of `count` same-shape matrices one finder call takes within `budget` bytes
+        (at least one)."""
+        return max(1, min(count, budget // self.refresh_matrix_bytes(shape, dtype, warm)))
+
+    def refresh_many(self, items: list[tuple[Tensor, State]]) -> dict[int, str]:
+        """The tensors of one shape (and warm or cold) in batched finder calls of
+        `refresh_chunk` matrices, sized by `refresh_budget` before each call; a call's bases are
+        installed before the next call, so a refresh holds one call's. Each matrix gets what it
+        would get alone. A call that raises or returns a non-finite basis is redone one matrix
+        at a time, so only the failing matrices keep their old bases."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (grad, state) in enumerate(items):
             key = (tuple(grad.shape), grad.dtype, state["side"], self.previous_basis(state) is None)
-            groups.setdefault(key, []).append((grad, state))
-        found = []
-        for (shape, _, side, cold), group in groups.items():
-            chunk = max(1, BATCH_BYTES // (4 * shape[0] * shape[1]))
-            for start in range(0, len(group), chunk):
-                part = group[start : start + chunk]
-                previous = None if cold else torch.stack([self.previous_basis(s) for _, s in part])
-                gens = [generator(self.seed, s["name"], "refresh", s["refreshes"]) for _, s in part]
-                grads = torch.stack([g for g, _ in part])
-                bases = svd_basis(
-                    grads,
-                    side,
-                    self.options.rank,
-                    self.options.svd,
-                    previous,
-                    gens,
-                    self.finder_fallbacks,
-                )
-                kept = [self.held(b, grads.dtype) for b in bases.unbind(0)]
-                found += list(zip(part, kept, strict=True))
-                del grads, bases, previous  # freed before the next chunk's are made
-        if not torch.isfinite(torch.stack([b.abs().sum() for _, b in found])).all():
-            raise FloatingPointError("the basis finder returned non-finite values")
-        for (grad, state), basis in found:  # nothing installed before every basis is known
-            self.install(basis, state, grad.dtype)
+            groups.setdefault(key, []).append(i)
+        failed: dict[int, str] = {}
+        for (shape, dtype, side, cold), positions in groups.items():
+            start = 0
+            while start < len(positions):
+                budget = refresh_budget(items[positions[start]][0].device)
+                left = len(positions) - start
+                part = positions[
+                    start : start + self.refresh_chunk(shape, dtype, not cold, left, budget)
+                ]
+                start += len(part)
+                bases = self._find_batched([items[i] for i in part], side, cold)
+                if bases is None:  # redo this call's matrices one by one
+                    alone = super().refresh_many([items[i] for i in part])
+                    failed.update({part[j]: reason for j, reason in alone.items()})
+                    continue
+                for i, basis in zip(part, bases, strict=True):
+                    self.install(basis, items[i][1], items[i][0].dtype)
+                del bases  # installed: freed before the next call's are found
+        return failed
+
+    def _find_batched(self, part: list[tuple[Tensor, State]], side: str, cold: bool):
+        """The held bases of one batched finder call, or None where it raised or any is not
+        finite (one host sync)."""
+        gens = [generator(self.seed, s["name"], "refresh", s["refreshes"]) for _, s in part]
+        grads = torch.stack([g for g, _ in part])
+        previous = None if cold else torch.stack([self.previous_basis(s) for _, s in part])
+        o = self.options
+        try:
+            found = svd_basis(grads, side, o.rank, o.svd, previous, gens, self.finder_fallbacks)
+        except FINDER_ERRORS:
+            return None
+        del grads, previous  # before the held copies are made
+        if not bool(torch.isfinite(found.sum())):  # orthonormal columns cannot overflow it
+            return None
+        return [self.held(b, part[0][0].dtype) for b in found.unbind(0)]
 
     def previous_basis(self, state: State) -> Tensor | None:
         """The warm start of the fast finder (None before the first refresh)."""

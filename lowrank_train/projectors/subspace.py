@@ -215,7 +215,7 @@ def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
         r, info = torch.linalg.cholesky_ex(gram, upper=True)
         failed = failed | (info != 0)
         q = torch.linalg.solve_triangular(r, q, upper=True, left=False)
-        q = torch.where(failed[..., None, None], 0.0, q)
+        q = q.masked_fill_(failed[..., None, None], 0.0)  # in place: its own fresh output
     return q, failed
 
 
@@ -342,6 +342,33 @@ def svd_basis(
             return find(every, orthonormal)
         basis[deferred.failed] = find(deferred.failed, orthonormal)
     return basis
+
+
+# A finder's allocations per matrix beyond its gradient, in units of the d x D fp32 input and
+# of the w = r + OVERSAMPLE column iterates (benchmarks/bench_refresh_memory.py, H200; the
+# planner's model, and the chunking's): the exact SVD's workspace over the fp32 input; the fast
+# finders' fp32 copy of the input and the D x w and d x w iterates live at once at their peak
+# (a product, the previous iterate and CholeskyQR's passes).
+EXACT_WORKSPACE = 6.4
+FAST_INPUT_COPIES = 1.0
+FAST_TALL_ITERATES = 4.0
+FAST_SHORT_ITERATES = 1.0
+
+
+def finder_workspace_bytes(
+    shape: tuple[int, int], rank: int, method: str, warm: bool, dtype: torch.dtype
+) -> int:
+    """What `svd_basis` allocates for one (m, n) matrix of `dtype` beyond it, in a batched call:
+    the stacked copy (dtype), then exact: EXACT_WORKSPACE x 4 d D; fast: 4 (FAST_INPUT_COPIES
+    d D + FAST_TALL_ITERATES D w + FAST_SHORT_ITERATES d w), and the warm start's stacked
+    previous basis (d x r, dtype). d = min(m, n), D = max(m, n), w = rank + OVERSAMPLE."""
+    d, big = min(shape), max(shape)
+    stacked = d * big * dtype.itemsize
+    if method == "exact" or rank + OVERSAMPLE >= d:  # svd_basis takes the exact SVD there
+        return stacked + int(EXACT_WORKSPACE * 4 * d * big)
+    w = rank + OVERSAMPLE
+    fp32 = FAST_INPUT_COPIES * d * big + FAST_TALL_ITERATES * big * w + FAST_SHORT_ITERATES * d * w
+    return stacked + int(4 * fp32) + (d * rank * dtype.itemsize if warm else 0)
 
 
 def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) -> Tensor:
