@@ -3,7 +3,7 @@
 recipes run, the CUDA allocator's peak during one `SVDProjector.refresh_many`-shaped call (the
 stacked gradients, the finder, the bases held in the gradients' dtype) less what was allocated
 before it, over the call's matrices. Each row also carries the planner's model of it
-(`projectors.galore.finder_workspace_bytes`), so a row whose ratio strays says the model is
+(`subspace.finder_call_bytes` and the held bases), so a row whose ratio strays says the model is
 off. One JSON line per case (bench "refresh_memory").
 
     python benchmarks/bench_refresh_memory.py --out-dir $OUT [--device-slug h200] [--call NAME]
@@ -34,7 +34,7 @@ MATRICES = 4  # in one batched call: per-matrix bytes, with the call's fixed cos
 def measure(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> dict:
     import torch
 
-    from lowrank_train.projectors.subspace import finder_workspace_bytes, side_of, svd_basis
+    from lowrank_train.projectors.subspace import finder_call_bytes, side_of, svd_basis
     from lowrank_train.seeding import generator
 
     device = torch.device("cuda")
@@ -53,10 +53,13 @@ def measure(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> d
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     del stacked, start, bases, held
-    planned = finder_workspace_bytes((m, n), rank, method, warm, torch.bfloat16)
+    held_bytes = count * d * rank * 2  # bf16, as GaLore holds them
+    planned = (
+        finder_call_bytes((m, n), rank, method, warm, torch.bfloat16, count) + held_bytes
+    ) / count
     return {
         "extra_bytes_per_matrix": extra // count,
-        "planned_bytes_per_matrix": planned,
+        "planned_bytes_per_matrix": int(planned),
         "measured_over_planned": round(extra / count / planned, 3),
         "input_fp32_bytes_per_matrix": 4 * m * n,
     }

@@ -371,7 +371,7 @@ def run_temporaries(optimizer: torch.optim.Optimizer) -> int:
 def refresh_workspace(optimizer: torch.optim.Optimizer, budget: int, per_layer: bool) -> int:
     """The largest allocation of a refresh beyond the gradients: an SVD projector's largest
     batched finder call (`SVDProjector.refresh_chunk` matrices of one shape within `budget`,
-    each its `refresh_matrix_bytes`, cold or warm; one matrix per call when each tensor steps in
+    `refresh_call_bytes`, cold or warm; one matrix per call when each tensor steps in
     its own hook), or the largest new basis of a projector that refreshes one tensor at a time."""
     largest = 0
     for opt in inner_optimizers(optimizer).values():
@@ -390,8 +390,7 @@ def refresh_workspace(optimizer: torch.optim.Optimizer, budget: int, per_layer: 
                 continue
             for warm in (False, True):
                 chunk = projector.refresh_chunk(shape, dtype, warm, count, budget)
-                call = chunk * projector.refresh_matrix_bytes(shape, dtype, warm)
-                largest = max(largest, call)
+                largest = max(largest, projector.refresh_call_bytes(shape, dtype, warm, chunk))
     return largest
 
 

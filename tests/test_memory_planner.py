@@ -16,7 +16,13 @@ from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
 from lowrank_train.evaluation import causal_lm_loss, compute_context
 from lowrank_train.parameterizations.base import ParameterizedLinear, storage_allocated
-from lowrank_train.planner import GIB, held_bases, inner_optimizers, plan_run, with_changes
+from lowrank_train.planner import (
+    GIB,
+    inner_optimizers,
+    plan_run,
+    refresh_workspace,
+    with_changes,
+)
 from lowrank_train.precision import resolve_precision
 from lowrank_train.resolve import load_run
 from lowrank_train.trainer import build_run
@@ -398,26 +404,84 @@ def test_loqt_plans_the_captured_gradients_of_a_merge_step(tiny_run):
 
 
 @pytest.mark.parametrize("projector", ["galore", "qgalore", "apollo"])
-def test_a_refresh_holds_its_new_bases_as_planned_and_no_finder_batch(tiny_run, projector):
-    """Every new basis waits for `install` in its own storage (no view keeps a batched finder's
-    output alive), in the stored dtype (bf16 here; Q-GaLore fp32, which it quantizes), and their
-    bytes are the planner's `held_bases`."""
+def test_a_refresh_installs_each_finder_calls_bases_before_the_next_call(
+    tiny_run, projector, monkeypatch
+):
+    """A refresh holds one finder call's new bases at a time: GaLore and Q-GaLore batch the
+    tensors of a shape in calls of `refresh_chunk` matrices (here a budget of two 64 x 64
+    matrices), APOLLO refreshes one tensor at a time. Each basis waits for `install` in its own
+    storage (no view keeps a batched finder's output alive), a batched call's in the stored
+    dtype (bf16 here; Q-GaLore fp32, which it quantizes), and every projected tensor is
+    refreshed once."""
+    from lowrank_train.projectors import galore
+
     overrides = [f"optim.projector.name={projector}", "model.dtype=bfloat16"]
     cfg, _ = load_run(tiny_run(), [*overrides, "model.autocast=off", "optim.projector.rank=8"])
     built = build_run(cfg, VOCAB, CPU)
     opt = inner_optimizers(built.optimizer)[projector]
-    held, install = Storage(), opt.projector.install
-    dtypes = set()
+    projector_obj = opt.projector
+    if isinstance(projector_obj, galore.SVDProjector):
+        two = projector_obj.refresh_call_bytes((64, 64), torch.bfloat16, False, 2)
+        monkeypatch.setattr(galore, "refresh_budget", lambda device: two)
+    calls, pending, most, dtypes, install = [], [0], [0], set(), projector_obj.install
+    find = galore.svd_basis
+
+    def finder(grad, *args):
+        calls.append(grad.shape[0] if grad.ndim == 3 else 1)
+        pending[0] += calls[-1]
+        most[0] = max(most[0], pending[0])
+        return find(grad, *args)
+
+    def new_basis(grad, state):  # APOLLO's one-at-a-time path
+        pending[0] += 1
+        most[0] = max(most[0], pending[0])
+        return type(projector_obj).new_basis(projector_obj, grad, state)
 
     def spy(basis, state, dtype):
         assert basis.untyped_storage().nbytes() == basis.numel() * basis.element_size()
         dtypes.add(basis.dtype)
-        held.add(basis)
+        pending[0] -= 1
         install(basis, state, dtype)
 
-    opt.projector.install = spy
+    monkeypatch.setattr(galore, "svd_basis", finder)
+    if not isinstance(projector_obj, galore.SVDProjector):
+        projector_obj.new_basis = new_basis
+    projector_obj.install = spy
     x = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.model.seq_len + 1))
     causal_lm_loss(built.model, x[:, :-1], x[:, 1:]).backward()
     built.optimizer.step()  # step 1 refreshes every projected tensor
-    assert dtypes == {torch.float32 if projector == "qgalore" else torch.bfloat16}
-    assert held.bytes == held_bases(built.optimizer, per_layer=False) > 0
+    projected = sum(len(g["params"]) for g in opt.param_groups)
+    if isinstance(projector_obj, galore.SVDProjector):  # APOLLO's lone basis: install casts it
+        assert dtypes == {torch.float32 if projector == "qgalore" else torch.bfloat16}
+        assert sum(calls) == projected and max(calls) == 2 and most[0] == 2, calls
+    else:
+        assert calls == [] and most[0] == 1
+    assert pending[0] == 0  # every found basis installed
+    assert all(s["refreshes"] == 1 for s in opt.state.values() if "refreshes" in s)
+
+
+def test_a_planned_refresh_takes_what_the_backward_freed_on_cuda_and_the_cap_elsewhere(tiny_run):
+    """On CUDA a refresh's finder calls are sized by the headroom under the run's peak
+    (`refresh_budget`), so the planned refresh phase stays under the forward and backward
+    phases once one matrix's call fits there; the CPU's calls take the fixed cap, all the
+    tensors of a shape at once here."""
+    from lowrank_train.projectors.galore import REFRESH_WORKSPACE_BYTES
+
+    # the exact finder: its calls have no fixed part (the fast cold one's gesvda workspace,
+    # 32 MiB, would exceed all of this model's activations)
+    sets = ["optim.projector.name=galore", "optim.projector.svd=exact", "optim.projector.rank=8"]
+    sets.append("train.batch_size=2")  # activations above one matrix's call, below all of them
+    cfg, _ = load_run(tiny_run(), sets)
+    gpu, cpu = plan_run(cfg, "cuda", VOCAB), plan_run(cfg, "cpu", VOCAB)
+    before = max(gpu.phases["forward"], gpu.phases["backward"])
+    c = gpu.components
+    kept = c["weights"] + c["quant_scales"] + c["optimizer_states"] + c["projector"]
+    freed = before - kept - c["gradients"]
+    # the cap's calls (every tensor of a shape at once, bf16 as on CUDA) would not fit there
+    built = build_run(with_changes(cfg, {"model.dtype": "bfloat16"}), VOCAB, torch.device("meta"))
+    assert refresh_workspace(built.optimizer, REFRESH_WORKSPACE_BYTES, per_layer=False) > freed
+    assert gpu.phases["refresh"] <= before
+    built = build_run(cfg, VOCAB, torch.device("meta"))
+    projector = inner_optimizers(built.optimizer)["galore"].projector
+    every = projector.refresh_call_bytes((64, 64), torch.float32, False, 4 * cfg.model.num_layers)
+    assert cpu.components["temporary"] >= every  # the CPU: all attention matrices in one call

@@ -71,7 +71,7 @@ from lowrank_train.parameterizations.quantized import (
     matmul_knob,
     quantized_linear,
 )
-from lowrank_train.projectors.subspace import finder_workspace_bytes, side_of, svd_basis
+from lowrank_train.projectors.subspace import finder_call_bytes, side_of, svd_basis
 from lowrank_train.seeding import generator
 
 FORMATS = {
@@ -192,13 +192,14 @@ class LoQTLinear(ParameterizedLinear):
 
     def merge_workspace_bytes(self) -> int:
         """A merge's peak beside the captured G: the merged W (fp32) with the basis finder's
-        workspace on G (the planner's measured `finder_workspace_bytes`, warm: the larger), or
+        workspace on G (the planner's measured `finder_call_bytes`, cold or warm), or
         later `requantize`'s W, target, residual and low-rank or dequantized temporary (four
         fp32 matrices of W's shape)."""
         shape = (self.out_features, self.in_features)
         matrix = 4 * shape[0] * shape[1]
         o = self.options
-        finder = finder_workspace_bytes(shape, o.rank, o.svd, True, torch.float32)
+        warm, cold = (finder_call_bytes(shape, o.rank, o.svd, w, torch.float32, 1) for w in (1, 0))
+        finder = max(warm, cold)
         return max(matrix + finder, 4 * matrix)
 
     def p_hat(self) -> Tensor:

@@ -24,10 +24,10 @@ from lowrank_train.projectors.base import (
     State,
     SVDOptions,
 )
-from lowrank_train.projectors.subspace import finder_workspace_bytes, svd_basis
+from lowrank_train.projectors.subspace import finder_call_bytes, svd_basis
 from lowrank_train.seeding import generator
 
-# The most one batched finder call may allocate (`finder_workspace_bytes` of its matrices, 1
+# The most one batched finder call may allocate (`SVDProjector.refresh_call_bytes`, 1
 # GiB): a QR, eigh or SVD of a small matrix is latency-bound on a GPU, so b of them cost little
 # more than one, and at 1B's shapes ~20 matrices a call already fill the GPU.
 REFRESH_WORKSPACE_BYTES = 2**30
@@ -60,19 +60,23 @@ class SVDProjector(LowRankAdam):
         o = self.options
         return svd_basis(grad, state["side"], o.rank, o.svd, previous, gen, self.finder_fallbacks)
 
-    def refresh_matrix_bytes(self, shape: tuple[int, int], dtype: torch.dtype, warm: bool) -> int:
-        """One matrix's share of a batched refresh call: the finder's workspace and the new
-        basis held until the call's bases are installed."""
+    def refresh_call_bytes(
+        self, shape: tuple[int, int], dtype: torch.dtype, warm: bool, matrices: int
+    ) -> int:
+        """A batched refresh call's allocations: the finder's (`finder_call_bytes`) and the
+        new bases held until the call's are installed."""
         o = self.options
-        workspace = finder_workspace_bytes(shape, o.rank, o.svd, warm, dtype)
-        return workspace + self.held_basis_bytes(shape, dtype)
+        finder = finder_call_bytes(shape, o.rank, o.svd, warm, dtype, matrices)
+        return finder + matrices * self.held_basis_bytes(shape, dtype)
 
     def refresh_chunk(
         self, shape: tuple[int, int], dtype: torch.dtype, warm: bool, count: int, budget: int
     ) -> int:
         """How many of `count` same-shape matrices one finder call takes within `budget` bytes
-        (at least one)."""
-        return max(1, min(count, budget // self.refresh_matrix_bytes(shape, dtype, warm)))
+        (at least one): the call's bytes are a fixed part plus a part per matrix."""
+        fixed = self.refresh_call_bytes(shape, dtype, warm, 0)
+        each = self.refresh_call_bytes(shape, dtype, warm, 1) - fixed
+        return max(1, min(count, (budget - fixed) // each))
 
     def refresh_many(self, items: list[tuple[Tensor, State]]) -> dict[int, str]:
         """The tensors of one shape (and warm or cold) in batched finder calls of
@@ -80,6 +84,8 @@ class SVDProjector(LowRankAdam):
         installed before the next call, so a refresh holds one call's. Each matrix gets what it
         would get alone. A call that raises or returns a non-finite basis is redone one matrix
         at a time, so only the failing matrices keep their old bases."""
+        if type(self).new_basis is not SVDProjector.new_basis:  # another finder: one at a time
+            return super().refresh_many(items)
         groups: dict[tuple, list[int]] = {}
         for i, (grad, state) in enumerate(items):
             key = (tuple(grad.shape), grad.dtype, state["side"], self.previous_basis(state) is None)

@@ -344,31 +344,36 @@ def svd_basis(
     return basis
 
 
-# A finder's allocations per matrix beyond its gradient, in units of the d x D fp32 input and
-# of the w = r + OVERSAMPLE column iterates (benchmarks/bench_refresh_memory.py, H200; the
-# planner's model, and the chunking's): the exact SVD's workspace over the fp32 input; the fast
-# finders' fp32 copy of the input and the D x w and d x w iterates live at once at their peak
-# (a product, the previous iterate and CholeskyQR's passes).
-EXACT_WORKSPACE = 6.4
-FAST_INPUT_COPIES = 1.0
-FAST_TALL_ITERATES = 4.0
-FAST_SHORT_ITERATES = 1.0
+# What a batched `svd_basis` call allocates beyond its gradients, in fp32 elements per matrix
+# of the d x D input (d D), the D x w and d x w iterates (w = r + OVERSAMPLE), and per call:
+# least-squares fits (each coefficient rounded up ~7%, to cover the worst fitted case) to 36
+# measured cases, 1024 x 1024 to 11008 x 4096 at ranks 128 to 1024, 4 matrices a call
+# (benchmarks/bench_refresh_memory.py, H200, 2026-12-03, call wsp-2;
+# benchmarks/results/refresh_memory_h200_2026-12-03.jsonl; measured / model 0.97-1.07 warm,
+# 0.93-1.17 cold before the rounding, 0.88-1.06 after). The cold finder holds more iterates (its Gaussian
+# start, the randomized finder's extra products) and cuSOLVER's batched gesvda a workspace of
+# its own; the exact SVD's workspace grows with the input alone.
+EXACT_PER_INPUT = 4.4
+COLD_TERMS = (0.4, 8.9, 4.4)  # x (d D, D w, d w)
+COLD_CALL_BYTES = 32 * 2**20
+WARM_TERMS = (0.9, 2.7, 5.4)
 
 
-def finder_workspace_bytes(
-    shape: tuple[int, int], rank: int, method: str, warm: bool, dtype: torch.dtype
+def finder_call_bytes(
+    shape: tuple[int, int], rank: int, method: str, warm: bool, dtype: torch.dtype, matrices: int
 ) -> int:
-    """What `svd_basis` allocates for one (m, n) matrix of `dtype` beyond it, in a batched call:
-    the stacked copy (dtype), then exact: EXACT_WORKSPACE x 4 d D; fast: 4 (FAST_INPUT_COPIES
-    d D + FAST_TALL_ITERATES D w + FAST_SHORT_ITERATES d w), and the warm start's stacked
-    previous basis (d x r, dtype). d = min(m, n), D = max(m, n), w = rank + OVERSAMPLE."""
+    """The model of what a `svd_basis` call on `matrices` (m, n) gradients of `dtype`
+    allocates beyond them: their stacked copy (d D of dtype each), a warm start's stacked
+    previous bases (d r of dtype each) and the finder's fp32 temporaries (the constants above)."""
     d, big = min(shape), max(shape)
-    stacked = d * big * dtype.itemsize
+    per = d * big * dtype.itemsize
     if method == "exact" or rank + OVERSAMPLE >= d:  # svd_basis takes the exact SVD there
-        return stacked + int(EXACT_WORKSPACE * 4 * d * big)
+        return matrices * (per + int(4 * EXACT_PER_INPUT * d * big))
     w = rank + OVERSAMPLE
-    fp32 = FAST_INPUT_COPIES * d * big + FAST_TALL_ITERATES * big * w + FAST_SHORT_ITERATES * d * w
-    return stacked + int(4 * fp32) + (d * rank * dtype.itemsize if warm else 0)
+    terms = WARM_TERMS if warm else COLD_TERMS
+    fp32 = sum(c * x for c, x in zip(terms, (d * big, big * w, d * w), strict=True))
+    per += int(4 * fp32) + (d * rank * dtype.itemsize if warm else 0)
+    return matrices * per + (0 if warm else COLD_CALL_BYTES)
 
 
 def gaussian_basis(d: int, rank: int, seed: int, name: str, index: int, device) -> Tensor:
