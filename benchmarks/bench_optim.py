@@ -183,7 +183,9 @@ def refresh_timing(case: dict) -> dict:
         starts = torch.stack([previous] * batch)
         fallbacks = []  # Householder fallbacks: a matrix whose CholeskyQR failed is redone
         real = subspace.orthonormal
-        subspace.orthonormal = lambda y, real=real, seen=fallbacks: seen.append(1) or real(y)
+        subspace.orthonormal = lambda y, plain=2, real=real, seen=fallbacks: (
+            seen.append(1) or real(y, plain)
+        )
         try:
             stages = stage_seconds(
                 subspace.svd_basis, grads, side, r, "fast", starts, [gen] * batch

@@ -257,7 +257,7 @@ def test_the_fast_refresh_keeps_the_exact_energy_on_a_real_runs_gradients(
     from lowrank_train.trainer import Trainer
 
     fallbacks = []
-    monkeypatch.setattr(subspace, "orthonormal", lambda y: fallbacks.append(1) / 0)
+    monkeypatch.setattr(subspace, "orthonormal", lambda y, plain=2: fallbacks.append(1) / 0)
 
     cfg, _ = load_run(
         tiny_run(),

@@ -176,22 +176,25 @@ def _complement(z: Tensor) -> Tensor:
     return m.flip(-2).flip(-1)
 
 
-def orthonormal(y: Tensor) -> Tensor:
+def orthonormal(y: Tensor, plain: int = 2) -> Tensor:
     """An orthonormal basis of span(Y), Y (..., d, w) with w <= d: shifted CholeskyQR3
-    (`cholesky_qr3`), and for a matrix whose Cholesky fails a Householder QR, alone, so a batch
-    gives each matrix what it gets by itself. One host sync (the failure check)."""
-    q, failed = cholesky_qr3(y)
+    (`cholesky_qr3`, `plain` passes after the shifted one), and for a matrix whose Cholesky
+    fails a Householder QR, alone, so a batch gives each matrix what it gets by itself. One
+    host sync (the failure check)."""
+    q, failed = cholesky_qr3(y, plain)
     if bool(failed.any()):
         return _householder_where(y, failed)
     return q
 
 
-def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
+def cholesky_qr3(y: Tensor, plain: int = 2) -> tuple[Tensor, Tensor]:
     """(Q, failed): shifted CholeskyQR3 (Fukaya et al. 2020) of Y (..., d, w), without a host
     sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift s in the first), so the span
     never changes, only the conditioning: the shifted pass divides the condition number by
     about ||Y|| / sqrt(s), bringing Y into CholeskyQR2's range, and two plain passes make Q
-    orthonormal to working precision. A w x w Gram, a Cholesky and a triangular solve per
+    orthonormal to working precision. With `plain` = 1 (shifted CholeskyQR2) Q's orthogonality
+    error is about cond(Q_1)^2 u, ~1e-4 here: enough for a power iteration's iterate, whose
+    span alone the next product reads, and a third of its cost saved. A w x w Gram, a Cholesky and a triangular solve per
     pass (as a GEMM with R's inverse it was no faster: 0.81 s against 0.79 s a warm refresh
     at 1B, refresh-7 and refresh-6, H200, 2026-12-03), where a Householder QR of the tall
     d x w matrix is latency-bound on a GPU (it was most of a refresh at 1B). `failed` (...)
@@ -210,7 +213,7 @@ def cholesky_qr3(y: Tensor) -> tuple[Tensor, Tensor]:
     shift = d**0.5 * unit * y.square().sum(dim=(-2, -1), keepdim=True)
     eye = torch.eye(w, dtype=y.dtype, device=y.device)
     q, failed = y, torch.zeros(y.shape[:-2], dtype=torch.bool, device=y.device)
-    for shifted in (True, False, False):
+    for shifted in (True, *[False] * plain):
         gram = q.mT @ q + (shift * eye if shifted else 0)
         r, info = torch.linalg.cholesky_ex(gram, upper=True)
         failed = failed | (info != 0)
@@ -240,8 +243,8 @@ class _Deferred:
     def __init__(self):
         self.failed: Tensor | None = None
 
-    def __call__(self, y: Tensor) -> Tensor:
-        q, failed = cholesky_qr3(y)
+    def __call__(self, y: Tensor, plain: int = 2) -> Tensor:
+        q, failed = cholesky_qr3(y, plain)
         self.failed = failed if self.failed is None else self.failed | failed
         return q
 
@@ -269,7 +272,7 @@ def _draws(gens: list[torch.Generator], rows: int, cols: int, like: Tensor) -> T
 def randomized_basis(a: Tensor, rank: int, omega: Tensor, orth=orthonormal) -> Tensor:
     """Halko-Martinsson-Tropp range finder: Y = (A A^T)^q A Omega, orthonormalized after every
     product; Omega (..., D, w) Gaussian."""
-    q = orth(_mm(a, omega))
+    q = orth(_mm(a, omega), plain=1)  # an iterate: its span alone matters
     return _rayleigh_ritz(a, _power_iterations(a, q, POWER_ITERATIONS, orth), rank)
 
 
@@ -280,8 +283,9 @@ def _power_iterations(a: Tensor, q: Tensor, count: int, orth) -> Tensor:
     projected tensor of a real run's gradients (llama_20m, rank 128, s_1 / s_144 up to 7,300:
     cond ~ 1e5 to 5e7, where fp32's shift, ~5% of ||Y||^2 at these sizes, leaves the second
     pass past CholeskyQR2's ~4e3), so every warm refresh took the Householder fallback."""
-    for _ in range(count):
-        q = orth(_mm(a, orth(_mm(a.mT, q))))
+    for i in range(count):  # the iterates' spans alone matter; the last is Q itself
+        q = orth(_mm(a.mT, q), plain=1)
+        q = orth(_mm(a, q), plain=2 if i == count - 1 else 1)
     return q
 
 
