@@ -4,7 +4,8 @@ the 24 GiB cap (issue 15's benchmark; DESIGN.md's JSON lines, bench "optim").
 Cases, each in its own process (the harness), llama_1b (batch 32) or llama_350m (batch 8), seq
 256, bf16 weights and gradients, torch.compile of the model and loss, clip 1.0, T = 200:
   * ours: dense AdamW, then each projector through lowrank-train's own loop (`train()`);
-  * galore-torch GaLoreAdamW and apollo-torch APOLLOAdamW in the bare hand-written loop of
+  * galore-torch GaLoreAdamW and apollo-torch APOLLOAdamW (APOLLO, and APOLLO-Mini as
+    `apollo-torch-mini`) in the bare hand-written loop of
     bench_loop.py (the same HF model, data, clip and schedule).
 Metrics: `tok_s` (median 10-step window without a refresh, the first window dropped),
 `tok_s_amortized` (the 200 steps from step 11, which hold exactly one refresh), `step0_s` (the
@@ -53,7 +54,12 @@ RANKS = {
     "apollo": 256,
     "apollo_mini": 1,
 }
-PEERS = {"galore-torch": "galore", "apollo-torch": "apollo"}
+# --methods name: (the peer library, the method it runs)
+PEERS = {
+    "galore-torch": ("galore-torch", "galore"),
+    "apollo-torch": ("apollo-torch", "apollo"),
+    "apollo-torch-mini": ("apollo-torch", "apollo_mini"),
+}
 
 
 def ours(case: dict) -> dict:
@@ -129,7 +135,11 @@ def peer_optimizer(case: dict):
             return GaLoreAdamW([{"params": regular}, {**group, "scale": 0.25}], lr=1e-4)
         from apollo_torch import APOLLOAdamW
 
+        # APOLLO's 1B script: channel scaling, scale 1; Mini's: rank 1, one scale per tensor,
+        # scale 128 (the code multiplies the update by its square root, as ours takes 11.31)
         extra = {"proj": "random", "scale_type": "channel", "scale": 1}
+        if case["method"] == "apollo_mini":
+            extra = {"proj": "random", "scale_type": "tensor", "scale": 128}
         return APOLLOAdamW([{"params": regular}, {**group, **extra}], lr=1e-4)
 
     return make
@@ -279,7 +289,8 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         default="adamw,galore,galore-torch,apollo,apollo-torch",
-        help="ours: adamw and projector names; peers: galore-torch, apollo-torch; refresh",
+        help="ours: adamw and projector names; peers: galore-torch, apollo-torch, "
+        "apollo-torch-mini; refresh",
     )
     ap.add_argument("--state-dtype", default="bfloat16", help="our moments (the peers': bf16)")
     ap.add_argument("--out-dir", type=Path, help="rows go here as each case ends ($OUT on the GPU)")
@@ -296,8 +307,9 @@ def main() -> None:
     for key in args.only.split(","):
         model, batch = shapes[key]
         for method in args.methods.split(","):
-            provider = method if method in PEERS or method == "refresh" else "ours"
-            name = PEERS.get(method, "galore" if method == "refresh" else method)
+            provider, name = PEERS.get(method, ("ours", method))
+            if method == "refresh":
+                provider, name = "refresh", "galore"
             cases.append(
                 {
                     "provider": provider,
