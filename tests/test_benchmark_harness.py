@@ -279,6 +279,27 @@ def test_the_fast_refresh_keeps_the_exact_energy_on_a_real_runs_gradients(
     assert not torch.equal(late, early)
 
 
+def test_bench_optim_amortizes_over_the_whole_gaps_a_run_holds_up_to_1000_steps():
+    """Issue 15's amortized rate is over 1,000 steps after the first refresh: a 1,020-step run
+    amortizes steps 11..1010 (five refreshes, each a slow window), a 220-step run steps
+    11..210 (one); the steady rate skips the refresh windows."""
+    import bench_optim
+
+    case = {"batch_size": 32}
+    tokens = 32 * 256 * 10
+    for steps, refreshes in ((1020, 5), (220, 1)):
+        windows = [1.5] * (steps // 10)
+        refresh_steps = {200 * k + 1 for k in range(1, steps // 200 + 1)}
+        for r in refresh_steps:
+            windows[(r - 1) // 10] += 0.7
+        out = bench_optim.summarize(windows, case, refresh_steps)
+        span = 1000 if steps > 1000 else 200
+        assert out["amortized_steps"] == span
+        expected = tokens * span / 10 / (1.5 * span / 10 + 0.7 * refreshes)
+        assert out["tok_s_amortized"] == pytest.approx(expected)
+        assert out["tok_s"] == pytest.approx(tokens / 1.5)
+
+
 def test_bench_optim_writes_each_row_as_its_case_ends(monkeypatch, tmp_path):
     """bench_optim's rows: one per finished case, appended before the next case runs (a call
     cut short keeps them), the ratio to the call's dense AdamW, or to `--dense-tok-s` from an
