@@ -409,3 +409,36 @@ def test_a_refresh_that_fell_back_says_so_in_its_event(monkeypatch, caplog):
     (second,) = opt.pop_events()
     assert second["event"] == "refresh" and second["step"] == 2 and second["fallbacks"] == 1
     assert "fell back to Householder QR" in caplog.text
+
+
+def test_a_failing_batched_refresh_call_is_redone_alone_and_only_the_bad_matrix_keeps_its_basis(
+    monkeypatch,
+):
+    """A batched finder call whose output is not finite is redone one matrix at a time; the
+    matrix whose finder then raises keeps its old basis and is reported by position, the
+    others are refreshed as they would be alone."""
+    from lowrank_train.projectors import galore as galore_module
+    from lowrank_train.projectors.subspace import side_of
+
+    galore = GaLore(GaLore.Config(rank=3, svd="exact"), seed=1)
+    grads = list(gradients((12, 8), 3))
+    states = [{"side": side_of((12, 8)), "name": f"t{i}", "refreshes": 0} for i in range(3)]
+    alone = [dict(s) for s in states]
+    for g, s in zip(grads, alone, strict=True):
+        galore.refresh(g, s)
+    real = galore_module.svd_basis
+
+    def finder(grad, *args):
+        if grad.ndim == 3:  # the batched call: a non-finite basis
+            return torch.full_like(real(grad, *args), float("nan"))
+        if grad is grads[1]:
+            raise torch.linalg.LinAlgError("singular")
+        return real(grad, *args)
+
+    monkeypatch.setattr(galore_module, "svd_basis", finder)
+    failed = galore.refresh_many(list(zip(grads, states, strict=True)))
+    assert failed == {1: "singular"}
+    assert "basis" not in states[1] and states[1]["refreshes"] == 0
+    for i in (0, 2):
+        torch.testing.assert_close(states[i]["basis"], alone[i]["basis"])
+        assert states[i]["refreshes"] == 1
