@@ -284,7 +284,14 @@ def synthetic_gradient(m: int, n: int) -> torch.Tensor:
 def run_case(case: dict) -> dict:
     if case["provider"] == "refresh":
         return refresh_timing(case)
-    return ours(case) if case["provider"] == "ours" else peer(case)
+    run = ours if case["provider"] == "ours" else peer
+    if not case.get("peak_breakdown"):
+        return run(case)
+    from peak_breakdown import breakdown, recording
+
+    with recording():  # Python stacks on every allocation: the case's speed is not a figure
+        out = run(case)
+    return {**out, "peak_breakdown": breakdown()}
 
 
 def main() -> None:
@@ -302,6 +309,12 @@ def main() -> None:
     ap.add_argument("--state-dtype", default="bfloat16", help="our moments (the peers': bf16)")
     ap.add_argument("--out-dir", type=Path, help="rows go here as each case ends ($OUT on the GPU)")
     ap.add_argument("--call", help="label of this call, in every row")
+    ap.add_argument(
+        "--peak-breakdown",
+        action="store_true",
+        help="record the allocator's trace and add what is live at the peak, by allocating "
+        "line (benchmarks/peak_breakdown.py); the recording slows the run: speeds not figures",
+    )
     ap.add_argument(
         "--dense-tok-s",
         type=float,
@@ -327,6 +340,7 @@ def main() -> None:
                     "steps": args.steps,
                     "cache": args.cache,
                     "state_dtype": args.state_dtype,
+                    "peak_breakdown": args.peak_breakdown,
                 }
             )
     dense: dict[str, float] = {}
@@ -352,6 +366,7 @@ def main() -> None:
             "steps": case["steps"],
             "svd": "fast" if case["provider"] == "ours" and case["method"] != "adamw" else None,
             "call": args.call,
+            "peak_breakdown": args.peak_breakdown,  # a traced run: its speeds are not figures
         }
         if case["model"] not in dense and base is not None:
             settings["dense_from"] = f"--dense-tok-s {base:.0f} (an earlier call)"

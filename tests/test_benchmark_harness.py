@@ -403,3 +403,33 @@ def test_idle_gaps_attributes_the_gpus_waits_to_host_ops():
     assert got["idle_ms"] == 0.05 and got["gpu_busy_ms"] == 0.035  # 15 + 10 + 10 us
     assert got["idle_by_host_op_ms"] == {"aten::item": 0.05}
     assert got["idle_by_next_op_ms"] == {"aten::mm": 0.05}
+
+
+def test_the_peak_breakdown_replays_the_trace_to_its_peak():
+    """Blocks live at the highest running total, grouped by their first frame outside torch;
+    the blocks from before the trace are the total at the end less the trace's net change,
+    less those of them freed before the peak."""
+    from peak_breakdown import BEFORE, live_at_peak
+
+    def frames(name):
+        return [
+            {"filename": "/x/torch/nn/f.py", "line": 1, "name": "inner"},
+            {"filename": f"/w/lowrank_train/{name}.py", "line": 7, "name": name},
+        ]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames("acts")},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames("grads")},
+        {"action": "free_completed", "addr": 900, "size": 30},  # a block from before
+        {"action": "alloc", "addr": 3, "size": 40, "frames": frames("acts")},  # peak: 160
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 3, "size": 40},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": frames("step")},  # 80 < 160
+    ]
+    rows = live_at_peak(events, allocated_at_end=1000 + 80)
+    by = {r["where"]: r["bytes"] for r in rows}
+    assert by["(peak)"] == 1000 + 160
+    assert by[BEFORE] == 1000 - 30
+    assert by["lowrank_train/acts.py:7 acts"] == 140
+    assert by["lowrank_train/grads.py:7 grads"] == 50
+    assert "lowrank_train/step.py:7 step" not in by

@@ -1,0 +1,84 @@
+"""What is allocated at a CUDA run's peak, and where it was allocated: the allocator's trace
+(`torch.cuda.memory._record_memory_history`, Python stacks) replayed to the moment the
+allocated bytes were highest, and the blocks live then grouped by the first frame outside torch
+(the line of ours or of a peer that asked for them). Two runs' breakdowns side by side say
+which allocations one has at its peak that the other does not.
+
+The trace is a ring buffer of the last `MAX_EVENTS` events, so blocks allocated before it
+began (weights, optimizer state) have no frame: they are one row, `(before the trace)`, whose
+bytes are the allocated total at the end less the trace's net change. Use:
+
+    with recording():
+        run()
+    rows = breakdown()  # [{"where": "file:line fn", "bytes": n}, ...], largest first
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+MAX_EVENTS = 400_000  # a 1B step allocates ~5,000 blocks: the last steps, the warm refresh
+BEFORE = "(before the trace)"
+
+
+@contextmanager
+def recording():
+    import torch
+
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=MAX_EVENTS)
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize()
+
+
+def breakdown(top: int = 15) -> list[dict]:
+    """The live blocks at the trace's allocation peak, by allocating frame (see the module)."""
+    import torch
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    return live_at_peak(events, torch.cuda.memory_allocated(), top)
+
+
+def where(frames: list[dict]) -> str:
+    """The first frame (innermost first, as the trace lists them) outside torch itself."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/torch/" not in name and not name.startswith("<"):
+            return f"{'/'.join(name.rsplit('/', 2)[-2:])}:{f.get('line')} {f.get('name')}"
+    return "(torch internals)"
+
+
+def live_at_peak(events: list[dict], allocated_at_end: int, top: int = 15) -> list[dict]:
+    """Replay `alloc` / `free_completed` events; at the highest running total, the live blocks
+    grouped by `where` of their allocation, largest first (`top` of them, the rest summed), with
+    the blocks from before the trace as one row. Also the peak itself, as a first row
+    `(peak)`."""
+    live: dict[int, tuple[int, str]] = {}
+    net = peak_net = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], where(e.get("frames", [])))
+            net += e["size"]
+            if net > peak_net:
+                peak_net, at_peak = net, dict(live)
+        elif e["action"] == "free_completed":
+            net -= e["size"]  # a block from before the trace too: its bytes were counted in B
+            live.pop(e["addr"], None)
+    before = allocated_at_end - net  # allocated when the trace began
+    groups: dict[str, int] = {}
+    for size, site in at_peak.values():
+        groups[site] = groups.get(site, 0) + size
+    traced = sum(groups.values())
+    rows = sorted(({"where": k, "bytes": v} for k, v in groups.items()), key=lambda r: -r["bytes"])
+    rest = sum(r["bytes"] for r in rows[top:])
+    rows = rows[:top] + ([{"where": "(the rest)", "bytes": rest}] if rest else [])
+    return [
+        {"where": "(peak)", "bytes": before + peak_net},
+        # the blocks from before the trace still live at the peak
+        {"where": BEFORE, "bytes": before + peak_net - traced},
+        *rows,
+    ]
