@@ -7,11 +7,13 @@ before it, over the call's matrices. Each row also carries the planner's model o
 off. One JSON line per case (bench "refresh_memory").
 
     python benchmarks/bench_refresh_memory.py --out-dir $OUT [--device-slug h200] [--call NAME]
+    python benchmarks/bench_refresh_memory.py --replan benchmarks/results/refresh_memory_h200_2026-12-03.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,10 +33,21 @@ SHAPES = [
 MATRICES = 4  # in one batched call: per-matrix bytes, with the call's fixed cost spread
 
 
+def planned_per_matrix(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> float:
+    """The model's bytes a matrix for a call of `count` bf16 gradients: GaLore's
+    `refresh_call_bytes` (the finder's `finder_call_bytes` and the bases it holds, bf16)."""
+    import torch
+
+    from lowrank_train.projectors.galore import GaLore
+
+    galore = GaLore(GaLore.Config(rank=rank, svd=method))
+    return galore.refresh_call_bytes((m, n), torch.bfloat16, warm, count) / count
+
+
 def measure(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> dict:
     import torch
 
-    from lowrank_train.projectors.subspace import finder_call_bytes, side_of, svd_basis
+    from lowrank_train.projectors.subspace import side_of, svd_basis
     from lowrank_train.seeding import generator
 
     device = torch.device("cuda")
@@ -53,16 +66,49 @@ def measure(m: int, n: int, count: int, rank: int, method: str, warm: bool) -> d
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     del stacked, start, bases, held
-    held_bytes = count * d * rank * 2  # bf16, as GaLore holds them
-    planned = (
-        finder_call_bytes((m, n), rank, method, warm, torch.bfloat16, count) + held_bytes
-    ) / count
+    return {"extra_bytes_per_matrix": extra // count, "input_fp32_bytes_per_matrix": 4 * m * n}
+
+
+def against_model(row_case: dict, label: str, measured: dict) -> dict:
+    """A measurement with the current model's figure beside it."""
+    (m, n), rank, count = row_case["shape"], row_case["rank"], row_case["matrices"]
+    method, warm = label.split()[0], label.endswith("warm")
+    planned = planned_per_matrix(m, n, count, rank, method, warm)
     return {
-        "extra_bytes_per_matrix": extra // count,
+        "extra_bytes_per_matrix": measured["extra_bytes_per_matrix"],
+        "input_fp32_bytes_per_matrix": measured["input_fp32_bytes_per_matrix"],
         "planned_bytes_per_matrix": int(planned),
-        "measured_over_planned": round(extra / count / planned, 3),
-        "input_fp32_bytes_per_matrix": 4 * m * n,
+        "measured_over_planned": round(measured["extra_bytes_per_matrix"] / planned, 3),
     }
+
+
+def replan(path: Path, args) -> None:
+    """Rows of an earlier call against the current model (bench "refresh_memory_replan"): the
+    measurements are that call's, the model this commit's."""
+    rows = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("bench") != "refresh_memory" or "extra_bytes_per_matrix" not in row["metrics"]:
+            continue
+        got = against_model(row["case"], row["method"], row["metrics"])
+        print(f"{row['case']} {row['method']}: {got['measured_over_planned']:.3f}x planned")
+        settings = {
+            **row["settings"],
+            "measured": f"{row['device']}, {row['date']}, {row['commit']}",
+        }
+        rows.append(
+            result_line(
+                bench="refresh_memory_replan",
+                case=row["case"],
+                provider="ours",
+                method=row["method"],
+                settings=settings,
+                metrics=got,
+            )
+        )
+    ratios = [r["metrics"]["measured_over_planned"] for r in rows]
+    print(f"measured / model: {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} cases")
+    print(f"rows: {write_results('refresh_memory_replan', 'cuda-planned', rows, args.out_dir)}")
 
 
 def main() -> None:
@@ -70,13 +116,17 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--device-slug")
     ap.add_argument("--call")
+    ap.add_argument("--replan", type=Path, help="a rows file: its measurements against the model")
     args = ap.parse_args()
+    if args.replan:
+        return replan(args.replan, args)
     rows = []
     for m, n, ranks in SHAPES:
         for rank in ranks:
             for method, warm in [("exact", False), ("fast", False), ("fast", True)]:
-                got = measure(m, n, MATRICES, rank, method, warm)
                 label = f"{method}{' warm' if warm else ''}"
+                case = {"shape": [m, n], "matrices": MATRICES, "rank": rank}
+                got = against_model(case, label, measure(m, n, MATRICES, rank, method, warm))
                 print(
                     f"{m}x{n} rank {rank} {label}: {got['extra_bytes_per_matrix'] / 2**20:.1f} "
                     f"MiB a matrix, {got['measured_over_planned']:.3f}x planned",
@@ -85,7 +135,7 @@ def main() -> None:
                 rows.append(
                     result_line(
                         bench="refresh_memory",
-                        case={"shape": [m, n], "matrices": MATRICES, "rank": rank},
+                        case=case,
                         provider="ours",
                         method=label,
                         settings={"grad_dtype": "bfloat16", "call": args.call},

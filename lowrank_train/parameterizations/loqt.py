@@ -198,8 +198,10 @@ class LoQTLinear(ParameterizedLinear):
         shape = (self.out_features, self.in_features)
         matrix = 4 * shape[0] * shape[1]
         o = self.options
-        warm, cold = (finder_call_bytes(shape, o.rank, o.svd, w, torch.float32, 1) for w in (1, 0))
-        finder = max(warm, cold)
+        finder = max(
+            finder_call_bytes(shape, o.rank, o.svd, warm, torch.float32, 1)
+            for warm in (True, False)
+        )
         return max(matrix + finder, 4 * matrix)
 
     def p_hat(self) -> Tensor:

@@ -192,10 +192,11 @@ def cholesky_qr3(y: Tensor, plain: int = 2) -> tuple[Tensor, Tensor]:
     sync. Each pass is Q <- Q R^-1 with R^T R = Q^T Q (+ a shift s in the first), so the span
     never changes, only the conditioning: the shifted pass divides the condition number by
     about ||Y|| / sqrt(s), bringing Y into CholeskyQR2's range, and two plain passes make Q
-    orthonormal to working precision. With `plain` = 1 (shifted CholeskyQR2) Q's orthogonality
-    error is about cond(Q_1)^2 u, ~1e-4 here: enough for a power iteration's iterate, whose
-    span alone the next product reads, and a third of its cost saved. A w x w Gram, a Cholesky and a triangular solve per
-    pass (as a GEMM with R's inverse it was no faster: 0.81 s against 0.79 s a warm refresh
+    orthonormal to working precision. With `plain` = 1 (shifted CholeskyQR2) Q spans Y but
+    its orthogonality error grows as cond(Q_1)^2 u: 2e-5 at cond(Y) 1e3, 0.37 at 3e5 (fp32,
+    2-norm, on the CPU), still cond(Q) <= 1.5, all a power iteration's iterate needs (the next
+    product reads its span alone), at two thirds of the cost. A w x w Gram, a Cholesky and a
+    triangular solve per pass (as a GEMM with R's inverse it was no faster: 0.81 s against 0.79 s a warm refresh
     at 1B, refresh-7 and refresh-6, H200, 2026-12-03), where a Householder QR of the tall
     d x w matrix is latency-bound on a GPU (it was most of a refresh at 1B). `failed` (...)
     flags the matrices whose Cholesky failed in some pass; their Q is zero (never NaN, so the
@@ -353,10 +354,11 @@ def svd_basis(
 # least-squares fits (each coefficient rounded up ~7%, to cover the worst fitted case) to 36
 # measured cases, 1024 x 1024 to 11008 x 4096 at ranks 128 to 1024, 4 matrices a call
 # (benchmarks/bench_refresh_memory.py, H200, 2026-12-03, call wsp-2;
-# benchmarks/results/refresh_memory_h200_2026-12-03.jsonl; measured / model 0.97-1.07 warm,
-# 0.93-1.17 cold before the rounding, 0.88-1.06 after). The cold finder holds more iterates (its Gaussian
-# start, the randomized finder's extra products) and cuSOLVER's batched gesvda a workspace of
-# its own; the exact SVD's workspace grows with the input alone.
+# benchmarks/results/refresh_memory_h200_2026-12-03.jsonl; measured / model 0.97-1.07 warm
+# and 0.93-1.17 cold before the rounding, 0.88-1.06 after: `bench_refresh_memory.py --replan`,
+# refresh_memory_replan_cuda-planned_2026-12-03.jsonl). The cold finder holds more iterates
+# (its Gaussian start, the randomized finder's extra products) and cuSOLVER's batched gesvda a
+# workspace of its own; the exact SVD's workspace grows with the input alone.
 EXACT_PER_INPUT = 4.4
 COLD_TERMS = (0.4, 8.9, 4.4)  # x (d D, D w, d w)
 COLD_CALL_BYTES = 32 * 2**20
