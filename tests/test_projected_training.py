@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from projector_cases import assert_resume_is_bitwise
 
@@ -106,14 +107,26 @@ def test_a_hand_written_loop_trains_with_projected_optimizer():
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
+    import lowrank_train.projectors.galore as galore
     from lowrank_train.optim.projected import projected_optimizer
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if sys.argv[1] == "split":  # finders that fail on one rank only
+        real = galore.svd_basis
+        def failing(grad, side, rank_, svd, previous, *rest):
+            shape, cold = tuple(grad.shape[-2:]), previous is None
+            # step 1: rank 1 finds no first basis for layer 0; step 4: rank 0 none for
+            # layer 2 (rank 1 installs one), rank 1 none for layer 0 (rank 0 installs one)
+            if (rank, shape, cold) in {(1, (40, 24), True), (0, (6, 40), False),
+                                       (1, (40, 24), False)}:
+                raise torch.linalg.LinAlgError("injected")
+            return real(grad, side, rank_, svd, previous, *rest)
+        galore.svd_basis = failing
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 6))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = projected_optimizer(model, "galore", target=["0", "2"], lr=1e-2, rank=4, update_gap=3,
-                              svd="fast")
+                              svd="fast", moments_at_refresh="rotate")
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own half batch
     for step in range(4):  # refreshes at steps 1 and 4
         x = torch.randn(32, 24, generator=gen)
@@ -122,7 +135,13 @@ DDP_SCRIPT = textwrap.dedent(
         opt.zero_grad()
     inner = opt.optimizers["galore"]
     tensors = [p.detach() for p in model.parameters()]
-    tensors += [inner.state[p]["basis"] for p in inner.param_groups[0]["params"]]
+    for p in inner.param_groups[0]["params"]:
+        state = inner.state[p]
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+        plain = [{k: v for k, v in state.items() if not torch.is_tensor(v)}]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, plain)
+        assert gathered[0] == gathered[1], ("counters differ", gathered)
     for t in tensors:
         gathered = [torch.empty_like(t) for _ in range(2)]
         dist.all_gather(gathered, t.contiguous())
@@ -134,11 +153,19 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_ranks_hold_the_same_basis_and_weights_after_a_refresh(tmp_path):
+@pytest.mark.parametrize("finders", ["agree", "split"])
+def test_ddp_ranks_hold_the_same_basis_and_weights_after_a_refresh(tmp_path, finders):
+    """Every rank ends with rank 0's weights and whole projector state (bases, rotated moments,
+    counters), also where a basis finder failed on one rank only, without a hang."""
     script = tmp_path / "ddp_galore.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*torchrun, str(script), finders], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ranks equal 6" in proc.stdout
+    # 4 weights and biases; per projected tensor: basis and the two moments
+    assert "ranks equal 10" in proc.stdout
+    if finders == "split":
+        assert "kept its old basis" in proc.stderr

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_train.optim.multi import MultiOptimizer
+from lowrank_train.optim.rank_agreement import agree_on_refresh
 from lowrank_train.optim.state import restore_saved_dtypes
 from lowrank_train.parameterizations.base import Writer, storage_allocated
 from lowrank_train.projectors.base import Projector
@@ -201,8 +202,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for i, reason in failed.items():
             self._kept(step, good[i][1], f"basis finder failed: {reason}")
         done = [item for i, item in enumerate(good) if i not in failed]
-        for _, _, state in done:
-            _broadcast(state, self.projector.shared_keys)
+        # under DDP: every rank takes rank 0's outcome (and the same collectives on each)
+        agree_on_refresh([s for _, _, s in good], set(failed), self.projector.shared_keys, device)
         fallbacks = sum(self.projector.finder_fallbacks)
         self.projector.finder_fallbacks.clear()
         if done:
@@ -240,14 +241,6 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _broadcast(state: dict, keys: tuple[str, ...]) -> None:
-    """Under DDP every rank takes rank 0's refresh result, so the ranks cannot drift apart."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            for key in keys:
-                torch.distributed.broadcast(state[key], src=0)
 
 
 DEFAULT_TARGET = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
