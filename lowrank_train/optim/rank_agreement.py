@@ -34,9 +34,7 @@ def agree_on_refresh(
     dist.broadcast(rank0, src=0)
     differs = (mine != rank0).to(torch.uint8)
     dist.all_reduce(differs, op=dist.ReduceOp.MAX)  # every rank learns where any rank differed
-    for i, (state, failed_on_0, split) in enumerate(
-        zip(states, rank0.tolist(), differs.tolist(), strict=True)
-    ):
+    for state, failed_on_0, split in zip(states, rank0.tolist(), differs.tolist(), strict=True):
         if split:
             take_whole_state(state, device)
         elif not failed_on_0:
