@@ -119,10 +119,10 @@ def summarize(windows_s: list[float], case: dict, refresh_steps: set[int]) -> di
     # from step 11, the longest whole number of gaps the run holds, up to the 1,000
     # steps (5 refreshes, at 201, ..., 1001 - 200); 200 steps hold one, at 201
     span = min(AMORTIZED_STEPS, (len(windows_s) - 1) * 10 // GAP * GAP)
-    amortized = windows_s[1 : 1 + span // 10]
+    amortized = windows_s[1 : 1 + span // 10]  # empty in a run shorter than a gap
     return {
         "tok_s": tokens / statistics.median(quiet),
-        "tok_s_amortized": tokens * len(amortized) / sum(amortized),
+        "tok_s_amortized": tokens * len(amortized) / sum(amortized) if amortized else None,
         "amortized_steps": span,
         "quiet_median_window_s": statistics.median(quiet),
     }

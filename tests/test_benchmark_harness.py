@@ -298,6 +298,8 @@ def test_bench_optim_amortizes_over_the_whole_gaps_a_run_holds_up_to_1000_steps(
         expected = tokens * span / 10 / (1.5 * span / 10 + 0.7 * refreshes)
         assert out["tok_s_amortized"] == pytest.approx(expected)
         assert out["tok_s"] == pytest.approx(tokens / 1.5)
+    short = bench_optim.summarize([1.5] * 4, case, set())  # a traced run, shorter than a gap
+    assert short["amortized_steps"] == 0 and short["tok_s_amortized"] is None
 
 
 def test_bench_optim_writes_each_row_as_its_case_ends(monkeypatch, tmp_path):
