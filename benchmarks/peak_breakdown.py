@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-MAX_EVENTS = 400_000  # a 1B step allocates ~5,000 blocks: the last steps, the warm refresh
+MAX_EVENTS = 2_000_000  # a 1B step allocates ~5,000 blocks; a 40-step run with its compile fits
 BEFORE = "(before the trace)"
 
 
@@ -39,7 +39,32 @@ def breakdown(top: int = 15) -> list[dict]:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     events = snapshot["device_traces"][torch.cuda.current_device()]
-    return live_at_peak(events, torch.cuda.memory_allocated(), top)
+    rows = live_at_peak(events, torch.cuda.memory_allocated(), top)
+    # a full ring buffer dropped the first events: "before the trace" then holds early blocks
+    rows.append({"where": "(trace events)", "count": len(events), "of": MAX_EVENTS})
+    return rows + untraced(snapshot["segments"], events)
+
+
+def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dict]:
+    """The blocks live at the end that no traced `alloc` made (the `(before the trace)` row's
+    parts), largest first, with the frames the allocator kept for them if any."""
+    live: set[int] = set()
+    for e in events:
+        if e["action"] == "alloc":
+            live.add(e["addr"])
+        elif e["action"] == "free_completed":
+            live.discard(e["addr"])
+    blocks = [
+        b
+        for seg in segments
+        for b in seg["blocks"]
+        if b["state"] == "active_allocated" and b["address"] not in live
+    ]
+    blocks.sort(key=lambda b: -b["size"])
+    return [
+        {"where": f"{BEFORE} block: {where(b.get('frames', []))}", "bytes": b["size"]}
+        for b in blocks[:top]
+    ]
 
 
 def where(frames: list[dict]) -> str:

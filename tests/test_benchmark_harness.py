@@ -411,7 +411,7 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     """Blocks live at the highest running total, grouped by their first frame outside torch;
     the blocks from before the trace are the total at the end less the trace's net change,
     less those of them freed before the peak."""
-    from peak_breakdown import BEFORE, live_at_peak
+    from peak_breakdown import BEFORE, live_at_peak, untraced
 
     def frames(name):
         return [
@@ -435,3 +435,17 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     assert by["lowrank_train/acts.py:7 acts"] == 140
     assert by["lowrank_train/grads.py:7 grads"] == 50
     assert "lowrank_train/step.py:7 step" not in by
+    segments = [
+        {
+            "blocks": [
+                {"address": 2, "size": 50, "state": "active_allocated"},  # traced
+                {"address": 4, "size": 60, "state": "active_allocated"},  # traced
+                {"address": 901, "size": 700, "state": "active_allocated", "frames": []},
+                {"address": 902, "size": 300, "state": "active_allocated"},
+                {"address": 903, "size": 64, "state": "inactive"},  # cached, not allocated
+            ]
+        }
+    ]
+    parts = untraced(segments, events)
+    assert [r["bytes"] for r in parts] == [700, 300]  # the 1,000 bytes from before the trace
+    assert parts[0]["where"] == f"{BEFORE} block: (torch internals)"
