@@ -62,7 +62,10 @@ def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dic
     ]
     blocks.sort(key=lambda b: -b["size"])
     return [
-        {"where": f"{BEFORE} block: {where(b.get('frames', []))}", "bytes": b["size"]}
+        {
+            "where": f"{BEFORE} block: {where(b['frames']) if b.get('frames') else '?'}",
+            "bytes": b["size"],
+        }
         for b in blocks[:top]
     ]
 
