@@ -41,8 +41,28 @@ def breakdown(top: int = 15) -> list[dict]:
     events = snapshot["device_traces"][torch.cuda.current_device()]
     rows = live_at_peak(events, torch.cuda.memory_allocated(), top)
     # a full ring buffer dropped the first events: "before the trace" then holds early blocks
-    rows.append({"where": "(trace events)", "count": len(events), "of": MAX_EVENTS})
-    return rows + untraced(snapshot["segments"], events)
+    actions: dict[str, int] = {}
+    for e in events:
+        actions[e["action"]] = actions.get(e["action"], 0) + 1
+    rows.append({"where": "(trace events)", "count": len(events), "of": MAX_EVENTS, **actions})
+    return rows + untraced(snapshot["segments"], events) + freed_untraced(events)
+
+
+def freed_untraced(events: list[dict], top: int = 8) -> list[dict]:
+    """The blocks from before the trace that it saw freed, largest first, each with the
+    frames of its free (which code held them) and the event's index (when)."""
+    seen: set[int] = set()
+    freed = []
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            seen.add(e["addr"])
+        elif e["action"] == "free_completed" and e["addr"] not in seen:
+            freed.append((e["size"], i, where(e.get("frames", []))))
+    freed.sort(key=lambda f: -f[0])
+    return [
+        {"where": f"{BEFORE} freed at event {i}: {site}", "bytes": size}
+        for size, i, site in freed[:top]
+    ]
 
 
 def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dict]:

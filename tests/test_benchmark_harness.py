@@ -411,7 +411,7 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     """Blocks live at the highest running total, grouped by their first frame outside torch;
     the blocks from before the trace are the total at the end less the trace's net change,
     less those of them freed before the peak."""
-    from peak_breakdown import BEFORE, live_at_peak, untraced
+    from peak_breakdown import BEFORE, freed_untraced, live_at_peak, untraced
 
     def frames(name):
         return [
@@ -449,3 +449,5 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     parts = untraced(segments, events)
     assert [r["bytes"] for r in parts] == [700, 300]  # the 1,000 bytes from before the trace
     assert parts[0]["where"] == f"{BEFORE} block: ?"  # no frames kept
+    (freed,) = freed_untraced(events)  # the block at 900, freed third
+    assert freed == {"where": f"{BEFORE} freed at event 2: (torch internals)", "bytes": 30}
