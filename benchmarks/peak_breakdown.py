@@ -4,9 +4,13 @@ allocated bytes were highest, and the blocks live then grouped by the first fram
 (the line of ours or of a peer that asked for them). Two runs' breakdowns side by side say
 which allocations one has at its peak that the other does not.
 
-The trace is a ring buffer of the last `MAX_EVENTS` events, so blocks allocated before it
-began (weights, optimizer state) have no frame: they are one row, `(before the trace)`, whose
-bytes are the allocated total at the end less the trace's net change. Use:
+One row, `(untraced)`, is the allocated total at the end less the trace's net change, at the
+peak. It holds two things: blocks allocated before the trace began (a ring buffer of the last
+`MAX_EVENTS` events), and the allocator's rounding: the trace records each allocation's
+requested bytes, `memory_allocated` its block's (512-byte rounding, and in the large pool up to
+1 MiB of a cached block left unsplit). The rows after it tell the two apart: the untraced
+blocks live at the end, the trace's frees of blocks it never saw allocated, and the trace's
+event count (a full buffer dropped the first events). Use:
 
     with recording():
         run()
@@ -18,7 +22,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 MAX_EVENTS = 2_000_000  # a 1B step allocates ~5,000 blocks; a 40-step run with its compile fits
-BEFORE = "(before the trace)"
+BEFORE = "(untraced)"
 
 
 @contextmanager
