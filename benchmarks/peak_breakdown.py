@@ -44,7 +44,7 @@ def breakdown(top: int = 15) -> list[dict]:
     torch.cuda.memory._record_memory_history(enabled=None)
     events = snapshot["device_traces"][torch.cuda.current_device()]
     rows = live_at_peak(events, torch.cuda.memory_allocated(), top)
-    # a full ring buffer dropped the first events: "before the trace" then holds early blocks
+    # a full ring buffer dropped the first events: "(untraced)" then holds early blocks
     actions: dict[str, int] = {}
     for e in events:
         actions[e["action"]] = actions.get(e["action"], 0) + 1
@@ -70,8 +70,7 @@ def freed_untraced(events: list[dict], top: int = 8) -> list[dict]:
 
 
 def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dict]:
-    """The blocks live at the end that no traced `alloc` made (the `(before the trace)` row's
-    parts), largest first, with the frames the allocator kept for them if any."""
+    """The blocks live at the end that no traced `alloc` made (parts of the `(untraced)` row), largest first, with the frames the allocator kept for them if any."""
     live: set[int] = set()
     for e in events:
         if e["action"] == "alloc":

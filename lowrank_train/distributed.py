@@ -23,6 +23,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """The process group's size, 1 without one (a library user's loop may start none)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError(

@@ -54,6 +54,7 @@ import math
 import torch
 from torch import nn
 
+from lowrank_train.distributed import world_size
 from lowrank_train.errors import ConfigError
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.projected import ProjectedOptimizer
@@ -327,8 +328,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
 def check_per_layer() -> None:
     """A one-line ConfigError where per-layer stepping would be wrong: world size > 1."""
-    dist = torch.distributed
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     if world > 1:
         raise ConfigError(
             f"optim.per_layer: true with world size {world}: the hooks fire before DDP's "

@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from lowrank_train.distributed import world_size
 
 
 def agree_on_refresh(
@@ -53,7 +51,7 @@ def take_whole_state(state: dict, device: torch.device) -> None:
     for key in set(state) - set(tensors) - set(plain):
         del state[key]
     state.update(plain)
-    for key, (shape, dtype) in sorted(tensors.items()):
+    for key, (shape, dtype) in tensors.items():  # rank 0's order, so the same on every rank
         held = state.get(key)
         if not (torch.is_tensor(held) and tuple(held.shape) == shape and held.dtype == dtype):
             state[key] = torch.empty(shape, dtype=dtype, device=device)
