@@ -9,8 +9,9 @@ peak. It holds two things: blocks allocated before the trace began (a ring buffe
 `MAX_EVENTS` events), and the allocator's rounding: the trace records each allocation's
 requested bytes, `memory_allocated` its block's (512-byte rounding, and in the large pool up to
 1 MiB of a cached block left unsplit). The rows after it tell the two apart: the untraced
-blocks live at the end, the trace's frees of blocks it never saw allocated, and the trace's
-event count (a full buffer dropped the first events). Use:
+blocks live at the end, the trace's frees of blocks it never saw allocated, the trace's event
+count (a full buffer dropped the first events), and the rounding of the blocks live at the end
+by allocating line. Use:
 
     with recording():
         run()
@@ -49,7 +50,23 @@ def breakdown(top: int = 15) -> list[dict]:
     for e in events:
         actions[e["action"]] = actions.get(e["action"], 0) + 1
     rows.append({"where": "(trace events)", "count": len(events), "of": MAX_EVENTS, **actions})
-    return rows + untraced(snapshot["segments"], events) + freed_untraced(events)
+    segments = snapshot["segments"]
+    return rows + untraced(segments, events) + freed_untraced(events) + rounding(segments)
+
+
+def rounding(segments: list[dict], top: int = 8) -> list[dict]:
+    """The allocator's rounding in the blocks live at the end (block size less requested size:
+    512-byte steps, and up to 1 MiB of a cached large block left unsplit), summed by the
+    allocating frame, largest first; its total first."""
+    by: dict[str, int] = {}
+    for seg in segments:
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                site = where(b["frames"]) if b.get("frames") else "?"
+                by[site] = by.get(site, 0) + b["size"] - b.get("requested_size", b["size"])
+    rows = sorted(by.items(), key=lambda kv: -kv[1])
+    total = {"where": "(rounding at the end)", "bytes": sum(by.values())}
+    return [total] + [{"where": f"(rounding) {k}", "bytes": v} for k, v in rows[:top] if v]
 
 
 def freed_untraced(events: list[dict], top: int = 8) -> list[dict]:

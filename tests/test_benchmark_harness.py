@@ -411,7 +411,7 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     """Blocks live at the highest running total, grouped by their first frame outside torch;
     the blocks from before the trace are the total at the end less the trace's net change,
     less those of them freed before the peak."""
-    from peak_breakdown import BEFORE, freed_untraced, live_at_peak, untraced
+    from peak_breakdown import BEFORE, freed_untraced, live_at_peak, rounding, untraced
 
     def frames(name):
         return [
@@ -451,3 +451,14 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     assert parts[0]["where"] == f"{BEFORE} block: ?"  # no frames kept
     (freed,) = freed_untraced(events)  # the block at 900, freed third
     assert freed == {"where": f"{BEFORE} freed at event 2: (torch internals)", "bytes": 30}
+    frames_step = frames("step")
+    live = [
+        {"size": 2048, "requested_size": 1500, "state": "active_allocated", "frames": frames_step},
+        {"size": 1024, "requested_size": 1000, "state": "active_allocated", "frames": frames_step},
+        {"size": 4096, "requested_size": 100, "state": "inactive"},  # cached: not counted
+        {"size": 512, "requested_size": 512, "state": "active_allocated"},
+    ]
+    assert rounding([{"blocks": live}]) == [
+        {"where": "(rounding at the end)", "bytes": 548 + 24},
+        {"where": "(rounding) lowrank_train/step.py:7 step", "bytes": 572},
+    ]
