@@ -23,7 +23,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 MAX_EVENTS = 2_000_000  # a 1B step allocates ~5,000 blocks; a 40-step run with its compile fits
-BEFORE = "(untraced)"
+UNTRACED = "(untraced)"
 
 
 @contextmanager
@@ -81,7 +81,7 @@ def freed_untraced(events: list[dict], top: int = 8) -> list[dict]:
             freed.append((e["size"], i, where(e.get("frames", []))))
     freed.sort(key=lambda f: -f[0])
     return [
-        {"where": f"{BEFORE} freed at event {i}: {site}", "bytes": size}
+        {"where": f"{UNTRACED} freed at event {i}: {site}", "bytes": size}
         for size, i, site in freed[:top]
     ]
 
@@ -103,7 +103,7 @@ def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dic
     blocks.sort(key=lambda b: -b["size"])
     return [
         {
-            "where": f"{BEFORE} block: {where(b['frames']) if b.get('frames') else '?'}",
+            "where": f"{UNTRACED} block: {where(b['frames']) if b.get('frames') else '?'}",
             "bytes": b["size"],
         }
         for b in blocks[:top]
@@ -122,8 +122,8 @@ def where(frames: list[dict]) -> str:
 def live_at_peak(events: list[dict], allocated_at_end: int, top: int = 15) -> list[dict]:
     """Replay `alloc` / `free_completed` events; at the highest running total, the live blocks
     grouped by `where` of their allocation, largest first (`top` of them, the rest summed), with
-    the blocks from before the trace as one row. Also the peak itself, as a first row
-    `(peak)`."""
+    the untraced bytes (blocks from before the trace, the allocator's rounding) as one row.
+    Also the peak itself, as a first row `(peak)`."""
     live: dict[int, tuple[int, str]] = {}
     net = peak_net = 0
     at_peak: dict[int, tuple[int, str]] = {}
@@ -136,7 +136,7 @@ def live_at_peak(events: list[dict], allocated_at_end: int, top: int = 15) -> li
         elif e["action"] == "free_completed":
             net -= e["size"]  # a block from before the trace too: its bytes were counted in B
             live.pop(e["addr"], None)
-    before = allocated_at_end - net  # allocated when the trace began
+    before = allocated_at_end - net  # at the trace's start, plus the rounding (at the end)
     groups: dict[str, int] = {}
     for size, site in at_peak.values():
         groups[site] = groups.get(site, 0) + size
@@ -146,7 +146,7 @@ def live_at_peak(events: list[dict], allocated_at_end: int, top: int = 15) -> li
     rows = rows[:top] + ([{"where": "(the rest)", "bytes": rest}] if rest else [])
     return [
         {"where": "(peak)", "bytes": before + peak_net},
-        # the blocks from before the trace still live at the peak
-        {"where": BEFORE, "bytes": before + peak_net - traced},
+        # untraced bytes live at the peak
+        {"where": UNTRACED, "bytes": before + peak_net - traced},
         *rows,
     ]

@@ -411,7 +411,7 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     """Blocks live at the highest running total, grouped by their first frame outside torch;
     the blocks from before the trace are the total at the end less the trace's net change,
     less those of them freed before the peak."""
-    from peak_breakdown import BEFORE, freed_untraced, live_at_peak, rounding, untraced
+    from peak_breakdown import UNTRACED, freed_untraced, live_at_peak, rounding, untraced
 
     def frames(name):
         return [
@@ -431,7 +431,7 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     rows = live_at_peak(events, allocated_at_end=1000 + 80)
     by = {r["where"]: r["bytes"] for r in rows}
     assert by["(peak)"] == 1000 + 160
-    assert by[BEFORE] == 1000 - 30
+    assert by[UNTRACED] == 1000 - 30
     assert by["lowrank_train/acts.py:7 acts"] == 140
     assert by["lowrank_train/grads.py:7 grads"] == 50
     assert "lowrank_train/step.py:7 step" not in by
@@ -448,9 +448,9 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
     ]
     parts = untraced(segments, events)
     assert [r["bytes"] for r in parts] == [700, 300]  # the 1,000 bytes from before the trace
-    assert parts[0]["where"] == f"{BEFORE} block: ?"  # no frames kept
+    assert parts[0]["where"] == f"{UNTRACED} block: ?"  # no frames kept
     (freed,) = freed_untraced(events)  # the block at 900, freed third
-    assert freed == {"where": f"{BEFORE} freed at event 2: (torch internals)", "bytes": 30}
+    assert freed == {"where": f"{UNTRACED} freed at event 2: (torch internals)", "bytes": 30}
     frames_step = frames("step")
     live = [
         {"size": 2048, "requested_size": 1500, "state": "active_allocated", "frames": frames_step},
