@@ -371,3 +371,29 @@ def test_inits_drawn_ahead_on_threads_equal_the_serial_draws(monkeypatch):
             8 + int(name.split(".")[1]),
         )
         assert (linear.bias is None) == (serial.bias is None)
+
+
+@pytest.mark.parametrize("method", ["dense", "int8"])
+def test_each_init_reaches_convert_in_its_methods_transfer_dtype(tiny_run, monkeypatch, method):
+    """Dense only casts, so its init travels already cast (the device never holds the fp32
+    copy); a quantizer reads the fp32 draw. Either way the values are the fp32 draw's."""
+    from lowrank_train.models import INIT_STD
+    from lowrank_train.parameterizations import base
+
+    cls = PARAMETERIZATIONS.get(method)
+    seen: dict[str, torch.Tensor] = {}
+    original = cls.convert
+
+    def recording(self, linear, name, gen, dtype):
+        seen[name] = linear.weight.detach().clone()
+        return original(self, linear, name, gen, dtype)
+
+    monkeypatch.setattr(cls, "convert", recording)
+    cfg, _ = load_run(tiny_run(), [f"weights.name={method}", "model.dtype=bfloat16"])
+    build_model(cfg, 512, torch.device("cpu"))
+    expected = torch.bfloat16 if method == "dense" else torch.float32
+    assert len(seen) == 14 and {w.dtype for w in seen.values()} == {expected}
+    for name, weight in seen.items():
+        meta = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        draw = base.drawn_linear(meta, name, cfg.train.seed, INIT_STD).weight
+        assert torch.equal(weight, draw.to(expected)), name

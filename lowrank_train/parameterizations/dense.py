@@ -51,3 +51,6 @@ class Dense(Parameterization):
         self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
     ) -> DenseLinear:
         return DenseLinear(linear.to(dtype))
+
+    def transfer_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # convert only casts: cast on the CPU (see the base)
