@@ -35,6 +35,10 @@ def replan(row: dict, work: Path) -> dict | None:
     case = {"id": f"{size}:{row['method']}:replan", "size": size}
     path = our_run_file(row["method"], case, work)
     overrides = list(settings["overrides"])
+    # the method's keys as the row ran them: the recipe file may have changed since (the
+    # lowrank 350m row ran rank 128, today's recipe says 256)
+    options = settings.get("weights_options", {}).items()
+    overrides += [f"weights.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in options]
     if "embeddings_8bit" not in settings:  # rows from before the key: 32-bit embedding moments
         overrides.append("optim.embeddings_8bit=false")
     cfg, _ = load_run(path, overrides)

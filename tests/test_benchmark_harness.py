@@ -462,3 +462,28 @@ def test_the_peak_breakdown_replays_the_trace_to_its_peak():
         {"where": "(rounding at the end)", "bytes": 548 + 24},
         {"where": "(rounding) lowrank_train/step.py:7 step", "bytes": 572},
     ]
+
+
+def test_replan_plans_a_row_with_the_method_keys_it_ran(tmp_path):
+    """A measured row is re-planned with its recorded `weights_options`, not today's recipe
+    (the lowrank 350m row ran rank 128 where the recipe now says 256: 1.20x planned, 1.07x
+    with its own rank)."""
+    import replan
+    from training import our_run_file
+
+    from lowrank_train.planner import plan_run
+    from lowrank_train.resolve import load_run
+
+    overrides = ["model.preset=llama_350m", "model.seq_len=256", "train.batch_size=8"]
+    row = {
+        "provider": "ours",
+        "method": "lowrank",
+        "case": {"model": "llama_350m"},
+        "settings": {"overrides": overrides, "weights_options": {"rank": 16, "init": "variance"}},
+        "metrics": {"peak_gib": 3.0, "peak_alloc_gib": 2.5},
+    }
+    planned = replan.replan(row, tmp_path)["planned_gib"]
+    path = our_run_file("lowrank", {"id": "350m:lowrank:t", "size": "350m"}, tmp_path)
+    ran = plan_run(load_run(path, [*overrides, "weights.rank=16"])[0], "cuda", 32000, suggest=False)
+    recipe = plan_run(load_run(path, overrides)[0], "cuda", 32000, suggest=False)
+    assert planned == round(ran.total_gib, 3) and round(recipe.total_gib, 3) != planned
