@@ -173,37 +173,3 @@ def test_optim_does_not_import_models():
     code = "import sys, lowrank_train.optim; assert 'lowrank_train.models' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_adamw_state_allocated_at_build_is_the_lazy_init(fused, amsgrad):
-    """`allocate_state_` gives what torch's first step would: the same steps, weights and
-    state (values, dtypes, devices) as an AdamW left to its lazy init."""
-    from lowrank_train.optim.base import allocate_state_
-
-    gen = torch.Generator().manual_seed(3)
-    init = [torch.randn(5, 7, generator=gen), torch.randn(7, generator=gen)]
-    grads = [[torch.randn_like(t) for t in init] for _ in range(3)]
-    runs = []
-    for eager in (False, True):
-        params = [torch.nn.Parameter(t.clone()) for t in init]
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, amsgrad=amsgrad)
-        if eager:
-            allocate_state_(opt)
-            assert len(opt.state) == 2 and not opt.state[params[0]]["exp_avg"].any()
-        for step in grads:
-            for p, g in zip(params, step, strict=True):
-                p.grad = g.clone()
-            opt.step()
-        runs.append((params, opt.state_dict()["state"]))
-    (lazy, lazy_state), (eager, eager_state) = runs
-    assert all(torch.equal(a, b) for a, b in zip(lazy, eager, strict=True))
-    assert lazy_state.keys() == eager_state.keys()
-    for i in lazy_state:
-        assert lazy_state[i].keys() == eager_state[i].keys()
-        for key, a in lazy_state[i].items():
-            b = eager_state[i][key]
-            assert (a.dtype, a.device, a.shape) == (b.dtype, b.device, b.shape) and torch.equal(
-                a, b
-            )

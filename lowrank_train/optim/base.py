@@ -38,36 +38,7 @@ class AdamW(InnerOptimizer):
             weight_decay=cfg.weight_decay,
             fused=device.type == "cuda",
         )
-        allocate_state_(opt)
         return {"adamw": opt}
-
-
-def allocate_state_(opt: torch.optim.AdamW) -> None:
-    """Torch AdamW's state, allocated now instead of at the first step, with the values and
-    layout its lazy init gives (zero moments; step a 0-d tensor, fp32 on the parameter's device
-    when fused, else on the CPU in the scalar dtype).
-
-    Why: at the first step the caching allocator holds the blocks the backward freed, and a
-    moment placed in a larger one keeps up to 1 MiB of it unsplit (1.07 MB of the 350M GaLore
-    peak, optim-26b); before the first forward each moment gets a block of its own size, and a
-    run that cannot hold its optimizer fails at build instead of at step 0."""
-    for group in opt.param_groups:
-        on_device = group["fused"] or group["capturable"]
-        for p in group["params"]:
-            state = opt.state[p]
-            if state:
-                continue
-            if on_device:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            else:
-                scalar = (
-                    torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                )
-                state["step"] = torch.tensor(0.0, dtype=scalar)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 @OPTIMIZERS.register
