@@ -173,3 +173,34 @@ def test_optim_does_not_import_models():
     code = "import sys, lowrank_train.optim; assert 'lowrank_train.models' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("galore", {"rank": 3, "svd": "exact"}),
+        ("galore", {"rank": 3, "svd": "exact", "moments_at_refresh": "rotate"}),
+        ("qgalore", {"rank": 3, "svd": "exact", "queue_size": 2}),
+        ("apollo", {"rank": 3}),
+    ],
+)
+@pytest.mark.parametrize("state_dtype", ["auto", "int8"])
+def test_a_refresh_writes_the_new_basis_into_the_old_ones_storage(name, options, state_dtype):
+    """Long-lived state keeps the storage it was first given through refreshes (only the
+    values change), so no refresh leaves a basis in a block cut from the finder's transients."""
+    from projector_cases import gradients, run_projector
+
+    grads = gradients((12, 8), 5, seed=4)
+    _, opt = run_projector(name, grads[:1], update_gap=2, state_dtype=state_dtype, **options)
+    (w,) = opt.param_groups[0]["params"]
+    state = opt.state[w]
+    before = {k: (v.data_ptr(), v.clone()) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert any("basis" in k for k in before)
+    for g in grads[1:]:  # refreshes at steps 3 and 5
+        w.grad = g.clone()
+        opt.step()
+    assert state["refreshes"] == 3
+    for key, (ptr, old) in before.items():
+        assert state[key].data_ptr() == ptr, key
+        if "basis" in key and old.is_floating_point():
+            assert not torch.equal(state[key], old), key

@@ -249,6 +249,22 @@ def read_moment(state: State, key: str) -> Tensor:
     return state[key].float()
 
 
+def store_in_place(state: State, key: str, value: Tensor) -> None:
+    """`state[key] = value`, copied into the tensor already there when it has value's shape,
+    dtype and device. Long-lived state keeps the block it was first given: a refresh's new
+    basis is allocated among the finder's transients, where the caching allocator hands out
+    cached blocks with up to 1 MiB unsplit, and it is freed with them."""
+    old = state.get(key)
+    if isinstance(old, Tensor) and (old.shape, old.dtype, old.device) == (
+        value.shape,
+        value.dtype,
+        value.device,
+    ):
+        old.copy_(value)
+    else:
+        state[key] = value
+
+
 def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None = None) -> None:
     """Store an fp32 moment: in place into an existing slot (its own format), or as a new one in
     `state_dtype` (int8: codes plus a block absmax, `<key>_absmax`)."""
@@ -257,13 +273,10 @@ def write_moment(state: State, key: str, value: Tensor, state_dtype: str | None 
         codes, absmax = kernels.quantize_dynamic(
             value, signed=key == "exp_avg", block_size=QUANT_BLOCK
         )
-        if key in state:
-            state[key].copy_(codes)
-            state[key + "_absmax"].copy_(absmax)
-        else:
-            state[key], state[key + "_absmax"] = codes, absmax
+        store_in_place(state, key, codes)
+        store_in_place(state, key + "_absmax", absmax)
     elif key in state:
-        state[key].copy_(value)
+        state[key].copy_(value)  # into its own dtype
     else:
         state[key] = value.to(MOMENT_DTYPES[state_dtype])
 
@@ -366,7 +379,7 @@ class LowRankAdam(Projector):
         old = state.get("basis")
         if old is not None and "exp_avg" in state:
             self.carry_moments(state, old, basis)
-        state["basis"] = basis
+        store_in_place(state, "basis", basis)  # after carry_moments has read the old one
         state["refreshes"] += 1
 
     def carry_moments(self, state: State, old: Tensor, new: Tensor) -> None:

@@ -41,7 +41,13 @@ from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.kernels.reference import num_blocks
-from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, moment_bytes
+from lowrank_train.projectors.base import (
+    PROJECTORS,
+    State,
+    SVDOptions,
+    moment_bytes,
+    store_in_place,
+)
 from lowrank_train.projectors.galore import SVDProjector
 
 GROUP = 256  # the official --proj_quant group size
@@ -177,9 +183,10 @@ class QGaLore(SVDProjector):
             self.update_gap(
                 state, torch.nn.functional.cosine_similarity(state["leading"], leading, dim=0)
             )
-        state["leading"] = leading
+        store_in_place(state, "leading", leading)
         codes, scales = quantize_basis(new)
-        state["basis_codes"], state["basis_scales"] = codes, scales
+        store_in_place(state, "basis_codes", codes)
+        store_in_place(state, "basis_scales", scales)
         state["basis_rows"] = new.shape[0]
         if old is not None and "exp_avg" in state:
             self.carry_moments(state, old, self.basis_of(state, torch.float32))
@@ -190,7 +197,8 @@ class QGaLore(SVDProjector):
         reaches the threshold."""
         o = self.options
         value = cos if o.signed_cosine else cos.abs()
-        state["queue"] = torch.cat([state["queue"][1:], value.reshape(1).to(state["queue"])])
+        queue = torch.cat([state["queue"][1:], value.reshape(1).to(state["queue"])])
+        store_in_place(state, "queue", queue)
         state["queue_count"] = min(state["queue_count"] + 1, o.queue_size)
         if state["queue_count"] == o.queue_size and state["queue"].mean().item() >= o.cos_threshold:
             state["gap"] *= o.gap_growth
