@@ -248,10 +248,11 @@ def swap_linears(
     Layer by layer: each init is drawn in fp32 on the CPU from its own generator (`drawn_ahead`:
     at most DRAWS_AHEAD + 1 such Linears exist at once), then moved to `device` in the
     method's `transfer_dtype`, where `convert` runs (a quantizer or an SVD of the init runs on
-    the GPU; the method's own draws still come from its CPU generator). `convert` applies the run's `dtype` as its method means it; this
-    helper only moves the result to `device` (a blanket cast would turn fp32 scales bf16). With
-    `device` meta nothing is drawn (a structural build, for checks and planning): `convert` then
-    receives a meta Linear and must not read its values. Returns the count.
+    the GPU; the method's own draws still come from its CPU generator). `convert` applies the
+    run's `dtype` as its method means it; this helper only moves the result to `device` (a
+    blanket cast would turn fp32 scales bf16). With `device` meta nothing is drawn (a
+    structural build, for checks and planning): `convert` then receives a meta Linear and must
+    not read its values. Returns the count.
     """
     targets = list(targeted_linears(model, target))
     if not targets:
