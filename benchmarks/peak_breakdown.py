@@ -87,7 +87,8 @@ def freed_untraced(events: list[dict], top: int = 8) -> list[dict]:
 
 
 def untraced(segments: list[dict], events: list[dict], top: int = 8) -> list[dict]:
-    """The blocks live at the end that no traced `alloc` made (parts of the `(untraced)` row), largest first, with the frames the allocator kept for them if any."""
+    """The blocks live at the end that no traced `alloc` made (parts of the `(untraced)` row),
+    largest first, with the frames the allocator kept for them if any."""
     live: set[int] = set()
     for e in events:
         if e["action"] == "alloc":
