@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
-# Triton reads this when @triton.jit runs (kernels/ imports its kernel modules lazily): without
+# Triton reads this when @triton.jit runs (lowrank_train.kernels imports its kernel modules lazily): without
 # CUDA the kernels run in Triton's interpreter; with it, tests/gpu/ runs the compiled ones.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

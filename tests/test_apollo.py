@@ -25,7 +25,7 @@ from lowrank_train.projectors import PROJECTORS, base
 from lowrank_train.projectors.apollo import Apollo
 from lowrank_train.projectors.subspace import gaussian_basis
 
-# The moment math runs in fp32 (kernels/reference.adam_update), and so does the limiter's norm:
+# The moment math runs in fp32 (kernels.reference.adam_update), and so does the limiter's norm:
 # float64 comparisons hold to a few fp32 ulp, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
 NAME = "layer.weight"  # run_projector's tensor name: the projection's seed depends on it

@@ -22,7 +22,7 @@ from lowrank_train.cli import main
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.fira import Fira
 
-# The moment math runs in fp32 (kernels/reference.adam_update), and so does the limiter's norm:
+# The moment math runs in fp32 (kernels.reference.adam_update), and so does the limiter's norm:
 # float64 comparisons hold to a few fp32 ulp, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
 

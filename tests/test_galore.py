@@ -20,7 +20,7 @@ def right_basis(g: torch.Tensor, r: int) -> torch.Tensor:
     return torch.linalg.svd(g.T, full_matrices=False)[0][:, :r]
 
 
-# The moment math runs in fp32 whatever the weights (kernels/reference.adam_update), so float64
+# The moment math runs in fp32 whatever the weights (kernels.reference.adam_update), so float64
 # comparisons hold to fp32's precision: a few ulp of 1.2e-7, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
 

@@ -19,7 +19,7 @@ from projector_cases import (
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.gradnormlorp import GradNormLoRP, direction_grad, magnitude_grad
 
-# The Adam moments run in fp32 (kernels/reference.adam_update): float64 comparisons hold to
+# The Adam moments run in fp32 (kernels.reference.adam_update): float64 comparisons hold to
 # fp32's precision, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
 

@@ -5,6 +5,7 @@ torch.compile without a graph break, and an import without side effects."""
 import os
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path
 
 import pytest  # noqa: E402
 import torch
@@ -239,3 +240,14 @@ def test_package_import_has_no_side_effects():
         [sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_no_top_level_package_shadows_an_installed_one():
+    """The repository root is on sys.path wherever Python runs from it (`python -m pytest`, the
+    device's PYTHONPATH). A top-level package there hides any installed distribution of the same
+    name: our old top-level `kernels/` hid Hugging Face's `kernels`, which transformers 5.25
+    imports, and no test module could import transformers."""
+    root = Path(__file__).resolve().parents[1]
+    packages = sorted(p.parent.name for p in root.glob("*/__init__.py"))
+    assert packages == ["lowrank_train"], packages
+    assert not (root / "kernels").exists()

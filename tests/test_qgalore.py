@@ -19,7 +19,7 @@ from projector_cases import (
 from lowrank_train.projectors import PROJECTORS
 from lowrank_train.projectors.qgalore import QGaLore
 
-# Moment math runs in fp32 (kernels/reference.adam_update), and the quantizer divides in fp32:
+# Moment math runs in fp32 (kernels.reference.adam_update), and the quantizer divides in fp32:
 # float64 comparisons hold to fp32's precision, amplified by 1/sqrt(V) near eps.
 FP32 = dict(rtol=2e-5, atol=1e-7)
 
