@@ -9,7 +9,8 @@ dtype rules and each projector's `state_bytes`, activations from the LLaMA block
 (`activations`: eager mode, or the saved set of inductor's partition under `train.compile`),
 and the temporaries of the loss, the optimizer step and a refresh.
 Total = the largest phase (forward, backward, optimizer step, refresh, a merge) + the allocator's slack
-+ the CUDA context. When it does not fit, each suggestion is the planner re-run with one change.
++ the CUDA context. When it does not fit, each suggestion is the planner re-run with one change,
+and, where none fits alone, with the changes together.
 """
 
 from __future__ import annotations
@@ -536,7 +537,9 @@ def candidate_changes(cfg: RunConfig) -> list[dict[str, object]]:
     if not cfg.model.gradient_checkpointing:
         out.append({"model.gradient_checkpointing": True})
     if not getattr(cfg.optim, "per_layer", False):
-        out.append({"optim.per_layer": True})
+        # per-layer stepping refuses global-norm clipping (config.validate): offer both or nothing
+        clip_off = {"train.clip_grad_norm": 0.0} if cfg.train.clip_grad_norm > 0 else {}
+        out.append({"optim.per_layer": True, **clip_off})
     if cfg.train.batch_size > 1:
         half = cfg.train.batch_size // 2
         accum = cfg.train.grad_accum * cfg.train.batch_size // half
@@ -567,21 +570,53 @@ def with_changes(cfg: RunConfig, changes: dict[str, object]) -> RunConfig:
     return cfg
 
 
+def _checked_plan(
+    cfg: RunConfig, changes: dict, device: torch.device, vocab: int, world_size: int
+) -> Plan | None:
+    """The plan of cfg with `changes`, or None where `load_run`'s checks or the builder refuse
+    the changed run (a suggestion the user could not run is no suggestion)."""
+    from lowrank_train.config import Sources, validate
+    from lowrank_train.resolve import check_methods
+
+    changed = with_changes(cfg, changes)
+    try:
+        validate(changed, Sources(), "suggestion")
+        check_methods(changed, Sources(), "suggestion")
+        return plan_run(changed, device, vocab, world_size, suggest=False)
+    except ConfigError:
+        return None
+
+
+def _as_overrides(changes: dict) -> str:
+    return " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()
+    )
+
+
 def suggestions(
     cfg: RunConfig, device: torch.device, vocab: int, world_size: int, base: Plan
 ) -> list[str]:
-    """Each candidate change that saves memory, re-planned, largest saving first; a change the
-    builder refuses for this run (a ConfigError) is no suggestion."""
+    """Each candidate change that saves memory, re-planned, largest saving first. Where none
+    fits alone, one more line: the changes taken together, largest saving first, each kept
+    only if it still lowers the plan, until the run fits (or the list ends)."""
     found = []
     for changes in candidate_changes(cfg):
-        try:
-            plan = plan_run(with_changes(cfg, changes), device, vocab, world_size, suggest=False)
-        except ConfigError:
-            continue
-        saved = base.total_bytes - plan.total_bytes
-        if saved > 0:
-            keys = " ".join(
-                f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items()
-            )
-            found.append((saved, f"{keys} saves {saved / GIB:.2f} GiB"))
-    return [text for _, text in sorted(found, reverse=True)]
+        plan = _checked_plan(cfg, changes, device, vocab, world_size)
+        if plan is not None and base.total_bytes > plan.total_bytes:
+            found.append((base.total_bytes - plan.total_bytes, changes, plan))
+    found.sort(key=lambda f: f[0], reverse=True)
+    lines = [f"{_as_overrides(c)} saves {saved / GIB:.2f} GiB" for saved, c, _ in found]
+    if len(found) > 1 and not any(plan.fits for _, _, plan in found):
+        together, best = {}, base
+        for _, changes, _ in found:
+            plan = _checked_plan(cfg, {**together, **changes}, device, vocab, world_size)
+            if plan is not None and plan.total_bytes < best.total_bytes:
+                together, best = {**together, **changes}, plan
+                if best.fits:
+                    break
+        verdict = "fits" if best.fits else "still above"
+        lines.append(
+            f"together: {_as_overrides(together)} plans {best.total_bytes / GIB:.2f} GiB "
+            f"({verdict} the {cfg.memory.cap_gib:g} GiB cap)"
+        )
+    return lines

@@ -21,6 +21,7 @@ from lowrank_train.planner import (
     inner_optimizers,
     plan_run,
     refresh_workspace,
+    suggestions,
     with_changes,
 )
 from lowrank_train.precision import resolve_precision
@@ -485,3 +486,34 @@ def test_a_planned_refresh_takes_what_the_backward_freed_on_cuda_and_the_cap_els
     projector = inner_optimizers(built.optimizer)["galore"].projector
     every = projector.refresh_call_bytes((64, 64), torch.float32, False, 4 * cfg.model.num_layers)
     assert cpu.components["temporary"] >= every  # the CPU: all attention matrices in one call
+
+
+def test_every_suggestion_is_a_run_load_run_accepts_and_together_they_re_plan(tiny_run):
+    """Per-layer stepping refuses clipping, so its suggestion turns clipping off too; where no
+    change fits alone, the `together` line's overrides plan what it says."""
+    # wider than the tiny model, so the weights' and the activations' changes both save
+    model = {"hidden_size": 256, "intermediate_size": 768, "num_layers": 4}
+    path = tiny_run("suggest", {"model": model, "train": {"batch_size": 8, "clip_grad_norm": 1.0}})
+    cfg, _ = load_run(path)
+    base = plan_run(cfg, "cuda", VOCAB, suggest=False)
+    alone = suggestions(cfg, torch.device("cuda"), VOCAB, 1, base)
+    assert "optim.per_layer=true train.clip_grad_norm=0.0 saves" in " | ".join(alone)
+    totals = []
+    for line in alone:
+        overrides = line.split(" saves ")[0].split()
+        changed, _ = load_run(path, overrides)  # raises if a suggestion is refused
+        totals.append(plan_run(changed, "cuda", VOCAB, suggest=False).total_bytes)
+    cap = (min(totals) - 1) / GIB  # no single change fits under it
+    cfg, _ = load_run(path, [f"memory.cap_gib={cap!r}"])
+    lines = suggestions(
+        cfg, torch.device("cuda"), VOCAB, 1, plan_run(cfg, "cuda", VOCAB, suggest=False)
+    )
+    together = lines[-1]
+    assert together.startswith("together: "), lines
+    overrides, planned = together.removeprefix("together: ").split(" plans ")
+    assert len(overrides.split()) >= 2  # the best change and at least one more
+    combined, _ = load_run(path, [f"memory.cap_gib={cap!r}", *overrides.split()])
+    plan = plan_run(combined, "cuda", VOCAB, suggest=False)
+    assert planned.startswith(f"{plan.total_bytes / GIB:.2f} GiB")
+    assert plan.total_bytes < min(totals)
+    assert ("(fits" in planned) == plan.fits
