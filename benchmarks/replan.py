@@ -39,6 +39,8 @@ def replan(row: dict, work: Path) -> dict | None:
     # lowrank 350m row ran rank 128, today's recipe says 256)
     options = settings.get("weights_options", {}).items()
     overrides += [f"weights.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in options]
+    if "per_layer" in settings:  # rows from before bench_train set it both ways
+        overrides.append(f"optim.per_layer={str(settings['per_layer']).lower()}")
     if "embeddings_8bit" not in settings:  # rows from before the key: 32-bit embedding moments
         overrides.append("optim.embeddings_8bit=false")
     cfg, _ = load_run(path, overrides)

@@ -195,9 +195,13 @@ def our_config(name: str, case: dict, work: Path) -> tuple[Path, list[str]]:
     method's recipe files, the workload's overrides, then the method's and the user's."""
     method = OURS[name]
     path = our_run_file(name, case, work)
-    overrides = [*common_overrides(case), f"weights.name={method.weights}", *method.overrides]
-    if method.per_layer:
-        overrides.append("optim.per_layer=true")
+    overrides = [
+        *common_overrides(case),
+        f"weights.name={method.weights}",
+        *method.overrides,
+        # explicit both ways: the 7b recipes step per layer for one GPU, a case names its own mode
+        f"optim.per_layer={str(method.per_layer).lower()}",
+    ]
     return path, overrides + list(case.get("set", []))
 
 

@@ -599,24 +599,27 @@ def suggestions(
     """Each candidate change that saves memory, re-planned, largest saving first. Where none
     fits alone, one more line: the changes taken together, largest saving first, each kept
     only if it still lowers the plan, until the run fits (or the list ends)."""
-    found = []
+    tried = []
     for changes in candidate_changes(cfg):
         plan = _checked_plan(cfg, changes, device, vocab, world_size)
-        if plan is not None and base.total_bytes > plan.total_bytes:
-            found.append((base.total_bytes - plan.total_bytes, changes, plan))
-    found.sort(key=lambda f: f[0], reverse=True)
+        if plan is not None:
+            tried.append((base.total_bytes - plan.total_bytes, changes, plan))
+    tried.sort(key=lambda t: t[0], reverse=True)
+    found = [t for t in tried if t[0] > 0]
     lines = [f"{_as_overrides(c)} saves {saved / GIB:.2f} GiB" for saved, c, _ in found]
-    if len(found) > 1 and not any(plan.fits for _, _, plan in found):
-        together, best = {}, base
-        for _, changes, _ in found:
+    if found and not any(plan.fits for _, _, plan in found):
+        # a change that saves nothing alone can save once another has moved the peak phase
+        together, best, merged = {}, base, 0
+        for _, changes, _ in tried:
             plan = _checked_plan(cfg, {**together, **changes}, device, vocab, world_size)
             if plan is not None and plan.total_bytes < best.total_bytes:
-                together, best = {**together, **changes}, plan
+                together, best, merged = {**together, **changes}, plan, merged + 1
                 if best.fits:
                     break
-        verdict = "fits" if best.fits else "still above"
-        lines.append(
-            f"together: {_as_overrides(together)} plans {best.total_bytes / GIB:.2f} GiB "
-            f"({verdict} the {cfg.memory.cap_gib:g} GiB cap)"
-        )
+        if merged > 1:  # one change alone is already a line above
+            verdict = "fits" if best.fits else "still above"
+            lines.append(
+                f"together: {_as_overrides(together)} plans {best.total_bytes / GIB:.2f} GiB "
+                f"({verdict} the {cfg.memory.cap_gib:g} GiB cap)"
+            )
     return lines

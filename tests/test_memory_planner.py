@@ -5,6 +5,7 @@ saves; `estimate`'s JSON and suggestions; and out of memory in `train` as one li
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from lowrank_train.trainer import build_run
 
 CPU = torch.device("cpu")
 VOCAB = 512
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def covering() -> list[tuple[str, str, str]]:
@@ -517,3 +519,16 @@ def test_every_suggestion_is_a_run_load_run_accepts_and_together_they_re_plan(ti
     assert planned.startswith(f"{plan.total_bytes / GIB:.2f} GiB")
     assert plan.total_bytes < min(totals)
     assert ("(fits" in planned) == plan.fits
+
+
+def test_every_gpu_recipe_plans_under_its_cap():
+    """The 1b and 7b recipes are for one 24 GB GPU as shipped (the 7b ones step per layer); a
+    recipe that cannot fit says so in its header, and the planner must agree."""
+    recipes = sorted((ROOT / "configs" / "runs").glob("*_1b.yaml"))
+    recipes += sorted((ROOT / "configs" / "runs").glob("*_7b.yaml"))
+    assert len(recipes) >= 26
+    for path in recipes:
+        cfg, _ = load_run(path)
+        assert cfg.memory.cap_gib == 24, path
+        plan = plan_run(cfg, "cuda", 32000, suggest=False)
+        assert plan.fits == ("does not fit" not in path.read_text()), (path.name, plan.summary())
