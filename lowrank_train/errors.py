@@ -7,8 +7,9 @@ class UserError(Exception):
     exit_code = 2
 
 
-class ConfigError(UserError):
-    """A config file, key or value that cannot be used; the message names file, key and value."""
+class ConfigError(UserError, ValueError):
+    """A config file, key or value that cannot be used; the message names file, key and value.
+    A ValueError too, for callers of the Python API (`projected_optimizer`)."""
 
 
 class CheckpointError(UserError):

@@ -17,6 +17,7 @@ from typing import Any
 from lowrank_train.config import (
     CLI,
     MethodSection,
+    ProjectorConfig,
     RunConfig,
     Sources,
     build,
@@ -100,6 +101,14 @@ def _method_config(
         hint = suggest(key, sorted(set(known) | elsewhere)) or f" ({its})"
         raise ConfigError(f"{here}: unknown key of {section.name}{hint}")
     return build(cls.Config, section.options, prefix, sources, run_file)
+
+
+def projector_options(name: str, options: dict[str, Any], origin: str) -> Any:
+    """The Config of projector `name` from keyword options, checked as a run file's
+    `optim.projector` keys are (unknown or misplaced keys, types): `projected_optimizer`'s
+    path to the same one-line errors. `origin` stands where a file name would."""
+    section = ProjectorConfig(name=name, options=dict(options))
+    return _method_config(PROJECTORS, section, "optim.projector.", Sources(), origin)
 
 
 def check_methods(cfg: RunConfig, sources: Sources, run_file: str = CLI) -> None:

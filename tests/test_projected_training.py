@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from projector_cases import assert_resume_is_bitwise
 
 from lowrank_train.checkpoint import find_latest
 from lowrank_train.cli import main
+from lowrank_train.errors import ConfigError
 from lowrank_train.optim.projected import projected_optimizer
 
 GALORE = {"optim": {"projector": {"name": "galore", "rank": 8, "update_gap": 5}}}
@@ -104,6 +106,62 @@ def test_a_hand_written_loop_trains_with_projected_optimizer():
     assert opt.param_groups[0]["lr"] == 1e-2  # the scheduler drives every inner group
 
 
+def _two_layers():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(projector="apollo_mini", rank=4), "optim.projector.rank: 4 is not allowed"),
+        (
+            dict(projector="galore", rank=8),
+            "rank: 8 is above the smaller dimension of 2.weight (4, 32)",
+        ),
+        (dict(projector="galore", rank=0), "optim.projector.rank: 0 must be >= 1"),
+        (dict(projector="galore", update_gap=0), "update_gap: 0 must be >= 1"),
+        (dict(projector="galore", scale=-1.0), "optim.projector.scale: -1.0 must be > 0"),
+        (dict(projector="apollo", svd="exact"), "'exact' does not apply to projector apollo"),
+        (dict(projector="galore", rnak=4), "unknown key of galore"),
+        (dict(projector="galoer"), "optim.projector.name"),
+    ],
+)
+def test_projected_optimizer_refuses_what_the_yaml_path_refuses(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        projected_optimizer(_two_layers(), target=["0", "2"], **options)
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+    assert str(e.value).startswith("projected_optimizer: ")
+
+
+def test_projected_optimizer_takes_parameter_groups_and_refuses_none_to_project():
+    model = _two_layers()
+    weights = [model[0].weight, model[2].weight]
+    biases = [model[0].bias, model[2].bias]
+    opt = projected_optimizer(
+        [{"params": weights, "project": True, "lr": 2e-3}, {"params": biases, "weight_decay": 0.0}],
+        "galore",
+        lr=1e-3,
+        weight_decay=0.1,
+        rank=4,
+    )
+    galore, adamw = opt.optimizers["galore"], opt.optimizers["adamw"]
+    assert galore.param_groups[0]["params"] == weights and galore.param_groups[0]["lr"] == 2e-3
+    assert adamw.param_groups[0]["params"] == biases
+    assert (
+        adamw.param_groups[0]["weight_decay"] == 0.0
+        and galore.param_groups[0]["weight_decay"] == 0.1
+    )
+    before = [w.detach().clone() for w in weights]
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(b, w) for b, w in zip(before, weights, strict=True))
+    with pytest.raises(ConfigError, match="no tensor to project"):
+        projected_optimizer(model.parameters(), "galore", rank=4)
+    with pytest.raises(ConfigError, match="not 2-D"):
+        projected_optimizer([{"params": biases, "project": True}], "galore", rank=4)
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
@@ -169,3 +227,36 @@ def test_ddp_ranks_hold_the_same_basis_and_weights_after_a_refresh(tmp_path, fin
     assert "ranks equal 10" in proc.stdout
     if finders == "split":
         assert "kept its old basis" in proc.stderr
+
+
+def test_hf_trainer_trains_with_projected_optimizer(tmp_path):
+    """The README's HF example: Trainer(optimizers=(opt, sched)) steps our optimizer and
+    scheduler (Trainer builds neither of its own), and the loss falls."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    opt = projected_optimizer(model, "galore", lr=1e-2, rank=8, update_gap=10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 5))
+    # a learnable sequence: each row counts up from its own start, modulo the vocabulary
+    starts = torch.randint(0, 64, (64, 1))
+    ids = (starts + torch.arange(16)) % 64
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=30, logging_steps=5,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
+    trainer.train()
+    # accelerate wraps the optimizer it was given; the wrapped one is ours
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is opt
+    assert sched.last_epoch == 30  # Trainer stepped our schedule once a step
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.5 * losses[0], losses
+    galore = opt.optimizers["galore"]
+    assert len(galore.param_groups[0]["params"]) == 2 * 7  # every projection of both layers
+    assert all(galore.state[p]["basis"] is not None for p in galore.param_groups[0]["params"])

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from lowrank_train.errors import ConfigError
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.rank_agreement import agree_on_refresh
 from lowrank_train.optim.state import restore_saved_dtypes
@@ -267,10 +268,13 @@ def projected_optimizer(
     are projected) or ordinary torch parameter groups, where a group with `"project": True` is
     projected; groups may set their own lr and weight_decay, as in torch.
     """
-    from lowrank_train.projectors import PROJECTORS  # the registry, with every method loaded
+    # lazily: resolve imports the registries, whose methods import this module
+    from lowrank_train.projectors import PROJECTORS
+    from lowrank_train.resolve import projector_options
 
-    cls = PROJECTORS.get(projector)
-    built = cls(cls.Config(**options), seed=seed)
+    origin = "projected_optimizer"
+    config = projector_options(projector, options, origin)  # an unknown name: one line, too
+    built = PROJECTORS.get(projector)(config, seed=seed)
     if isinstance(params, nn.Module):
         groups = _groups_of_model(params, set(target))
     else:
@@ -279,17 +283,37 @@ def projected_optimizer(
             groups = [{"params": list(params)}]
     projected = [dict(g) for g in groups if g.get("project")]
     plain = [dict(g) for g in groups if not g.get("project")]
+    if not projected:
+        raise ConfigError(
+            f"{origin}: no tensor to project: pass a model (its {', '.join(sorted(target))} "
+            'Linears are projected) or mark parameter groups with "project": True'
+        )
     for g in projected + plain:
         g.pop("project", None)
         g["params"] = list(g["params"])
+    if any(p.ndim != 2 for g in projected for p in g["params"]):
+        raise ConfigError(f'{origin}: a "project": True group holds a tensor that is not 2-D')
+    try:  # the YAML path's checks, on the tensors given (the rank against each one's shape)
+        built.check(
+            {
+                name: tuple(p.shape)
+                for i, g in enumerate(projected)
+                for name, p in zip(
+                    g.get("param_names")
+                    or [f"group {i} tensor {j}" for j in range(len(g["params"]))],
+                    g["params"],
+                    strict=True,
+                )
+            }
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
     common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    inner: dict[str, torch.optim.Optimizer] = {}
-    if projected:
-        inner[projector] = ProjectedOptimizer(projected, built, state_dtype=state_dtype, **common)
+    inner: dict[str, torch.optim.Optimizer] = {
+        projector: ProjectedOptimizer(projected, built, state_dtype=state_dtype, **common)
+    }
     if plain:
         inner["adamw"] = torch.optim.AdamW(plain, **common)
-    if not inner:
-        raise ValueError("no parameters to optimize")
     return MultiOptimizer(inner)
 
 
@@ -309,5 +333,7 @@ def _groups_of_model(model: nn.Module, target: set[str]) -> list[dict]:
         else:
             plain.append(p)
     if not projected:
-        raise ValueError(f"no Linear layer named one of {sorted(target)} in the model")
+        raise ConfigError(
+            f"projected_optimizer: no Linear layer named one of {sorted(target)} in the model"
+        )
     return [{"params": projected, "param_names": names, "project": True}, {"params": plain}]

@@ -53,7 +53,7 @@ from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma,
 from lowrank_train.projectors.subspace import gaussian_basis
 
 if TYPE_CHECKING:
-    from lowrank_train.config import RunConfig
+    pass
 
 
 @PROJECTORS.register
@@ -80,8 +80,8 @@ class Apollo(LowRankAdam):
     def decay_after_update(self) -> bool:  # type: ignore[override]
         return self.options.decay_on == "updated"
 
-    def validate(self, cfg: RunConfig) -> None:
-        super().validate(cfg)
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
+        super().check(shapes)
         check_gamma(self.options.gamma)
 
     def new_basis(self, grad: Tensor, state: State) -> Tensor:
@@ -174,13 +174,13 @@ class ApolloMini(Apollo):
         rank: int = knob(1, "rank of the random projection: 1 (tensor-wise scaling)")
         scale: float = knob(11.3137, "alpha: W <- W - lr * alpha * U (the code's sqrt(--scale))")
 
-    def validate(self, cfg: RunConfig) -> None:
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
         if self.options.rank != 1:
             raise ConfigError(
                 f"optim.projector.rank: {self.options.rank} is not allowed: apollo_mini is "
                 "rank 1 (tensor-wise scaling; apollo is the channel-wise method at rank r)"
             )
-        super().validate(cfg)
+        super().check(shapes)
 
     def scales(self, low_update: Tensor, low_grad: Tensor, side: str, dtype) -> Tensor:
         """s = ||N||_F / (||R||_F + 1e-8), one scale a matrix of the run: (b, 1, 1)."""

@@ -197,8 +197,13 @@ class Projector:
         raise NotImplementedError
 
     def validate(self, cfg: RunConfig) -> None:
+        """`check` on the shapes of every tensor the run would project (a meta build)."""
+        self.check(projectable_shapes(cfg))
+
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
         """One-line ConfigErrors: the shared keys' ranges, and a rank above the smaller dimension
-        of a targeted tensor (named, with its shape). Subclasses add their own checks."""
+        of a projected tensor (`shapes`: name -> (out, in); named, with its shape). Subclasses
+        add their own checks. `projected_optimizer` calls it with the tensors it was given."""
         o = self.options
         if not isinstance(o, LowRankOptions):
             return
@@ -208,7 +213,7 @@ class Projector:
             raise ConfigError(f"optim.projector.update_gap: {o.update_gap} must be >= 1")
         if not o.scale > 0:
             raise ConfigError(f"optim.projector.scale: {o.scale} must be > 0")
-        for name, shape in projectable_shapes(cfg).items():
+        for name, shape in shapes.items():
             if o.rank > min(shape):
                 raise ConfigError(
                     f"optim.projector.rank: {o.rank} is above the smaller dimension of {name} "

@@ -36,7 +36,7 @@ from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limiter
 from lowrank_train.projectors.galore import SVDProjector
 
 if TYPE_CHECKING:
-    from lowrank_train.config import RunConfig
+    pass
 
 RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 
@@ -82,8 +82,8 @@ class Fira(SVDProjector):
             "alpha (N B^T + S)",
         )
 
-    def validate(self, cfg: RunConfig) -> None:
-        super().validate(cfg)
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
+        super().check(shapes)
         check_gamma(self.options.gamma)
 
     def placement(self) -> tuple[float, float]:

@@ -32,7 +32,7 @@ whose beta2 has no meaning here; 0 gives plain factored Adafactor with no moment
 dynamic-map codes); the factored second moment is fp32. Weight decay scales by the relative step
 rho, as Adafactor's; a caller applying `direction` alone (W - lr D) decays by its own lr.
 The code's filter (min(m, n) >= r, max/min <= 4, to skip embeddings) is the run's targeting:
-only the targeted Linear weights are projected, and `validate` refuses a rank above min(m, n).
+only the targeted Linear weights are projected, and `check` refuses a rank above min(m, n).
 
 State per tensor: `row` (m,) and `col` (n,) fp32, `exp_avg` (M, D x r, in state_dtype, with
 `exp_avg_absmax` when 8-bit) and `index` (the resample index, a plain int).
@@ -62,7 +62,7 @@ from lowrank_train.projectors.base import (
 from lowrank_train.projectors.subspace import gaussian_basis, side_of
 
 if TYPE_CHECKING:
-    from lowrank_train.config import RunConfig
+    pass
 
 PARAM_SCALE_FLOOR = 1e-3  # Adafactor's eps2: the relative step of a weight near zero
 
@@ -101,8 +101,8 @@ class Flora(Projector):
             "keep", "M at a resample: keep (transported into the new projection, the code) or reset"
         )
 
-    def validate(self, cfg: RunConfig) -> None:
-        super().validate(cfg)
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
+        super().check(shapes)
         o = self.options
         if not 0 <= o.beta1 < 1:
             raise ConfigError(f"optim.projector.beta1: {o.beta1} must be in [0, 1)")

@@ -91,8 +91,8 @@ class QGaLore(SVDProjector):
             False, "compare signed leading vectors as the official code (default |cos|)"
         )
 
-    def validate(self, cfg) -> None:
-        super().validate(cfg)
+    def check(self, shapes: dict[str, tuple[int, int]]) -> None:
+        super().check(shapes)
         o = self.options
         if o.queue_size < 1:
             raise ConfigError(f"optim.projector.queue_size: {o.queue_size} must be >= 1")
