@@ -167,17 +167,28 @@ def _located(message: str, cfg: RunConfig, sources: Sources, run_file: str) -> s
     return message
 
 
+# The minimal run's projector rank, at most: the default model's narrowest projectable side is
+# 128 (a low-rank factor at the weights' default rank), and APOLLO's default rank is 256.
+MINIMAL_RANK = 64
+
+
 def combinations() -> list[tuple[str, str, str, str | None]]:
     """(weights, projector, optimizer, None if `validate` accepts a minimal run of it, else the
-    refusal) for every registered triple, in registry order."""
+    refusal) for every registered triple, in registry order. The minimal run is the default
+    model with the projector's rank capped at MINIMAL_RANK, so only refusals of the
+    composition itself remain."""
     out = []
     for weights in PARAMETERIZATIONS.names():
         for projector in PROJECTORS.names():
             for optimizer in OPTIMIZERS.names():
+                section: dict[str, Any] = {"name": projector}
+                rank = getattr(PROJECTORS.get(projector).Config(), "rank", None)
+                if rank is not None:  # the matrix is about composition, not size: a rank that
+                    section["rank"] = min(rank, MINIMAL_RANK)  # fits every factor's side
                 tree = {
                     "train": {"steps": 10},
                     "weights": {"name": weights},
-                    "optim": {"name": optimizer, "projector": {"name": projector}},
+                    "optim": {"name": optimizer, "projector": section},
                 }
                 try:
                     cfg, sources = config_from_dict(tree, run_file="minimal run")
