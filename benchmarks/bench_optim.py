@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loop import bare  # noqa: E402
 from harness import case_main, result_line, run_cases, write_results  # noqa: E402
 
+from lowrank_train.projectors.base import BASIS_EVENTS  # noqa: E402
 from lowrank_train.projectors.galore import REFRESH_WORKSPACE_BYTES, GaLore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def ours(case: dict) -> dict:
     result = train(cfg)
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [m for m in lines if "tok_s" in m]
-    refreshes = [m for m in lines if m.get("event") == "refresh"]
+    refreshes = [m for m in lines if m.get("event") in BASIS_EVENTS]
     windows_s = [m["step_s"] * 10 for m in windows]
     out = summarize(windows_s, case, refresh_steps={r["step"] for r in refreshes})
     out["step0_s"] = refreshes[0]["seconds"] if refreshes else None

@@ -244,6 +244,7 @@ def our_run(case: dict) -> dict:
     from lowrank_train.cli import setup_logging
     from lowrank_train.errors import ConfigError
     from lowrank_train.parameterizations import PARAMETERIZATIONS, ParameterizedLinear
+    from lowrank_train.projectors.base import BASIS_EVENTS
     from lowrank_train.trainer import train
 
     setup_logging(0)
@@ -266,7 +267,7 @@ def our_run(case: dict) -> dict:
         raise
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_lines = [m for m in lines if "step_s" in m]
-    events = [m for m in lines if m.get("event") in ("refresh", "merge")]
+    events = [m for m in lines if m.get("event") in (*BASIS_EVENTS, "merge")]
     layers = [m for m in result.model.modules() if isinstance(m, ParameterizedLinear)]
     out = summarize(
         [m["step_s"] * EVERY for m in train_lines],

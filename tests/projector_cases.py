@@ -12,6 +12,7 @@ import torch
 
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.projectors import PROJECTORS
+from lowrank_train.projectors.base import BASIS_EVENTS
 
 
 def gradients(shape: tuple[int, int], steps: int, seed: int = 0) -> list[torch.Tensor]:
@@ -90,7 +91,7 @@ def train_losses(run_dir) -> dict[int, float]:
 
 
 def refresh_steps(run_dir) -> list[int]:
-    return sorted({e["step"] for e in metrics(run_dir) if e.get("event") == "refresh"})
+    return sorted({e["step"] for e in metrics(run_dir) if e.get("event") in BASIS_EVENTS})
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:

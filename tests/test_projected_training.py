@@ -260,3 +260,18 @@ def test_hf_trainer_trains_with_projected_optimizer(tmp_path):
     galore = opt.optimizers["galore"]
     assert len(galore.param_groups[0]["params"]) == 2 * 7  # every projection of both layers
     assert all(galore.state[p]["basis"] is not None for p in galore.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize(
+    "projector, event",
+    [("galore", "refresh"), ("qgalore", "refresh"), ("flora", "resample"), ("apollo", "resample")],
+)
+def test_a_new_basis_logs_refresh_and_a_new_random_draw_resample(projector, event):
+    model = _two_layers()
+    opt = projected_optimizer(model, projector, target=["0", "2"], rank=2, update_gap=1)
+    for _ in range(2):
+        model(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    events = opt.pop_events()
+    assert [(e["event"], e["step"], e["tensors"]) for e in events] == [(event, 1, 2), (event, 2, 2)]

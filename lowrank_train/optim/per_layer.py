@@ -60,6 +60,7 @@ from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.projected import ProjectedOptimizer
 from lowrank_train.parameterizations import ParameterizedLinear
 from lowrank_train.parameterizations.base import Writer, storage_allocated
+from lowrank_train.projectors.base import BASIS_EVENTS
 
 # Per-tensor lists a group may carry beside `params` (ours name each tensor; zip(strict=True)).
 PER_TENSOR_KEYS = ("params", "param_names")
@@ -304,7 +305,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         events: list[dict] = []
         refresh_of_step: dict[int, dict] = {}
         for event in self.optimizer.pop_events():
-            if event["event"] == "refresh" and event["step"] in refresh_of_step:
+            if event["event"] in BASIS_EVENTS and event["step"] in refresh_of_step:
                 merged = refresh_of_step[event["step"]]
                 merged["tensors"] += event["tensors"]
                 merged["seconds"] = round(merged["seconds"] + event["seconds"], 4)
@@ -312,7 +313,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
                     merged["fallbacks"] = merged.get("fallbacks", 0) + event["fallbacks"]
                 continue
             event = dict(event)
-            if event["event"] == "refresh":
+            if event["event"] in BASIS_EVENTS:
                 refresh_of_step[event["step"]] = event
             events.append(event)
         return events

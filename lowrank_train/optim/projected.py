@@ -209,7 +209,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.projector.finder_fallbacks.clear()
         if done:
             seconds = round(_now(device) - started, 4)
-            event = {"event": "refresh", "step": step, "tensors": len(done), "seconds": seconds}
+            event = {"event": self.projector.basis_event, "step": step}
+            event |= {"tensors": len(done), "seconds": seconds}
             if fallbacks:  # correct and slow: a user reading a long refresh should see why
                 event["fallbacks"] = fallbacks
                 log.warning(

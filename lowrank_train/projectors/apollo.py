@@ -62,6 +62,7 @@ class Apollo(LowRankAdam):
 
     name = "apollo"
     tensor_wise = False  # one scale per channel (APOLLO-Mini: one per tensor)
+    basis_event = "resample"  # the projection is a seeded Gaussian draw
 
     @dataclass
     class Config(LowRankOptions):

@@ -54,6 +54,9 @@ class SVDOptions(LowRankOptions):
     )
 
 
+BASIS_EVENTS = ("refresh", "resample")
+
+
 class Projector:
     """Base of the registered projectors. Subclasses set `name` and `Config` (keys under
     optim.projector).
@@ -80,6 +83,9 @@ class Projector:
     # the budget: at 256 MiB a 1B MLP tensor ran alone, and a run's ~45 small ops, not its
     # bytes, were the step's cost (the host-bound 1B step, 2026-12-02)
     run_budget_scale: ClassVar[int] = 1
+    # The event a new basis logs: "refresh" (found from the gradient) or "resample" (a fresh
+    # random draw: Flora, APOLLO); BASIS_EVENTS names both for the readers of metrics.jsonl.
+    basis_event: ClassVar[str] = "refresh"
 
     def __init__(self, options: object | None = None, seed: int = 0):
         self.options = options if options is not None else self.Config()

@@ -84,6 +84,7 @@ class Flora(Projector):
 
     name = "flora"
     decay_after_update = False  # Adafactor decays the weight before the update
+    basis_event = "resample"  # the projection is regenerated from (seed, name, index)
 
     @dataclass
     class Config(LowRankOptions):
