@@ -78,6 +78,30 @@ def test_cola_init_has_colas_variance():
         assert abs(factor.mean().item()) < 4 * expected / math.sqrt(factor.numel())
 
 
+@pytest.mark.parametrize("dtype, p_w", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_stored_bytes_are_the_formula(dtype, p_w):
+    """p_w r (m + n), plus p_w m for a bias: the two factors and nothing else."""
+    m, n, r = 24, 40, 4
+    layer = LowRank(LowRank.Config(rank=r)).convert(
+        dense_draw(m, n), "layer", torch.Generator().manual_seed(0), dtype
+    )
+    stored = layer.stored_bytes()
+    assert stored == {"A": p_w * r * n, "B": p_w * m * r, "bias": p_w * m}
+    assert sum(stored.values()) - p_w * m == p_w * r * (m + n)
+
+
+@pytest.mark.parametrize("activation", ["none", "silu"])
+def test_compiles_forward_and_backward_without_a_graph_break(activation):
+    layer = convert(12, 20, rank=4, activation=activation)
+    x = torch.randn(3, 20, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    params = (x, layer.A, layer.B, layer.bias)
+    eager = torch.autograd.grad(layer(x).square().sum(), params)
+    graph = torch.autograd.grad(compiled(x).square().sum(), params)
+    for a, b in zip(eager, graph, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_silu_layers_refuse_a_dense_weight_in_one_line():
     layer = convert(8, 8, rank=2, init="cola", activation="silu")
     with pytest.raises(Exception, match="has no dense weight") as e:

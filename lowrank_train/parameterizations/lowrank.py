@@ -10,6 +10,7 @@ Inits (research/parameterizations.md 1.1, 1.3), all drawn in fp32 from the layer
     (keeps the leading spectrum, part of the energy; at full rank it is the dense layer exactly);
   * cola: both factors N(0, sigma_c^2), sigma_c = r^(-1/4) (m + n)^(-1/4) (CoLA's code).
 With the SiLU between the factors there is no dense W: export refuses such a layer in one line.
+Stored: p_w r (m + n) bytes (+ p_w m for a bias), against p_w m n dense.
 """
 
 from __future__ import annotations
