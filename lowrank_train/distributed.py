@@ -28,6 +28,12 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def launched_world_size() -> int:
+    """The world this process runs in: the process group's, or torchrun's WORLD_SIZE before the
+    group starts (`estimate` and config checks run before `setup`, or without it)."""
+    return max(world_size(), int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError(

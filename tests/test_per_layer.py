@@ -18,6 +18,7 @@ from projector_cases import (
 )
 
 from lowrank_train import trainer as trainer_module
+from lowrank_train.cli import main
 from lowrank_train.errors import ConfigError
 from lowrank_train.evaluation import causal_lm_loss
 from lowrank_train.models import build_model
@@ -290,6 +291,16 @@ def test_world_size_above_one_is_refused_in_one_line(tiny_run):
     finally:
         torch.distributed.destroy_process_group()
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_torchruns_world_size_is_refused_before_the_group_starts(tiny_run, capsys, monkeypatch):
+    """`estimate` (and any check before `distributed.setup`) sees torchrun's WORLD_SIZE, as the
+    int8 and loqt checks do."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = tiny_run()
+    assert main(["estimate", str(path), "optim.per_layer=true", "train.clip_grad_norm=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.per_layer: true with world size 2" in err, err
 
 
 def test_int8_writers_step_from_their_layers_input_norm_hook(tiny_run):

@@ -54,7 +54,7 @@ import math
 import torch
 from torch import nn
 
-from lowrank_train.distributed import world_size
+from lowrank_train.distributed import launched_world_size
 from lowrank_train.errors import ConfigError
 from lowrank_train.optim.multi import MultiOptimizer
 from lowrank_train.optim.projected import ProjectedOptimizer
@@ -329,7 +329,7 @@ class PerLayerOptimizer(torch.optim.Optimizer):
 
 def check_per_layer() -> None:
     """A one-line ConfigError where per-layer stepping would be wrong: world size > 1."""
-    world = world_size()
+    world = launched_world_size()
     if world > 1:
         raise ConfigError(
             f"optim.per_layer: true with world size {world}: the hooks fire before DDP's "

@@ -22,7 +22,6 @@ name), so every rank and a resumed run round alike.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_train.config import knob
+from lowrank_train.distributed import launched_world_size
 from lowrank_train.errors import ConfigError
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.parameterizations.base import (
@@ -190,7 +190,7 @@ class Int8(Parameterization):
         g = self.options.group_size
         if g < 2 or g % 2:
             raise ConfigError(f"weights.group_size: {g} must be an even integer >= 2")
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, as distributed.setup reads it
+        world = launched_world_size()
         if world > 1:
             raise ConfigError(
                 f"weights.name: int8 runs in one process only (WORLD_SIZE={world}): DDP "

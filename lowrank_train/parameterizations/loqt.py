@@ -50,7 +50,6 @@ process's own: DDP does not all-reduce it, so `validate` refuses WORLD_SIZE > 1.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowrank_train.config import knob
+from lowrank_train.distributed import launched_world_size
 from lowrank_train.errors import ConfigError
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.parameterizations.base import (
@@ -395,7 +395,7 @@ class LoQT(Parameterization):
                     f"weights.rank: {o.rank} with a targeted ({m}, {n}) layer gives an odd number "
                     "of 4-bit codes for W or P (two codes a byte): use an even rank and even sizes"
                 )
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world_size()
         if world > 1:
             raise ConfigError(
                 f"weights.name: loqt runs on one process, not WORLD_SIZE={world}: its merge-step "
