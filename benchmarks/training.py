@@ -899,7 +899,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
 def label(row: dict) -> str:
     s = row["settings"]
     accum = f" x{s['grad_accum']}" if s.get("grad_accum", 1) > 1 else ""
-    return f"{row['provider']}: {row['method']}{accum}"
+    call = f" [{s['call']}]" if s.get("call") else ""  # rows of several calls stay apart
+    return f"{row['provider']}: {row['method']}{accum}{call}"
 
 
 def add_common_arguments(ap, sizes: str, steps_help: str) -> None:
