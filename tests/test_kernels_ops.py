@@ -48,6 +48,11 @@ def _op_cases():
         ("quantize_dynamic", ops._quantize_dynamic, (x.abs(), False, 16)),
         ("dequantize_dynamic", ops._dequantize_dynamic, (cd, ad, True, 16, torch.float32)),
         ("adam_update", ops._adam_update, (x, x * 0.1, x * x, None, None, 0.9, 0.999, 1e-8, 16)),
+        (
+            "adam_update_bf16",
+            ops._adam_update,
+            (x, (x * 0.1).bfloat16(), (x * x).bfloat16(), None, None, 0.9, 0.999, 1e-8, 16),
+        ),
         ("adam_update_8bit", ops._adam_update, (x, mc, vc, ma, va, 0.9, 0.999, 1e-8, 16)),
         ("stochastic_round_bf16", ops._sr_bf16, (x, 7, 3)),
         ("stochastic_round_int8", ops._sr_int8, (x, 7, 0, 16)),
