@@ -230,14 +230,16 @@ def test_it_trains_on_real_text(tiny_run, method):
     assert losses[100] < losses[10] - 1.5, losses
 
 
-def test_apollo_resumes_bitwise_through_a_resample(tiny_run):
-    """Resamples at steps 1, 5, 9: stop at 4, resume, and step 5 draws the same P from the seed
-    (the kept moments and the limiter's norm come from the checkpoint)."""
+@pytest.mark.parametrize("method, rank", [("apollo", 8), ("apollo_mini", 1)])
+def test_resumes_bitwise_through_a_resample(tiny_run, method, rank):
+    """Resamples at steps 1, 5, 9: stop at 4, resume through the checkpoint on disk, and step 5
+    draws the same P from the seed (the kept moments and the limiter's norm come from the
+    checkpoint)."""
     extra = {
-        "optim": {"projector": {"name": "apollo", "rank": 8, "update_gap": 4}},
+        "optim": {"projector": {"name": method, "rank": rank, "update_gap": 4}},
         "checkpoint": {"every": 4},
     }
-    assert_resume_is_bitwise(tiny_run, extra, stop_at=4)
+    assert_resume_is_bitwise(tiny_run, extra, stop_at=4, refreshes=[1, 5, 9])
 
 
 @pytest.mark.parametrize("runs_of_two", [False, True])
