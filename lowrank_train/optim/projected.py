@@ -209,8 +209,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.projector.finder_fallbacks.clear()
         if done:
             seconds = round(_now(device) - started, 4)
-            event = {"event": self.projector.basis_event, "step": step}
-            event |= {"tensors": len(done), "seconds": seconds}
+            kind = self.projector.basis_event
+            event = {"event": kind, "step": step, "tensors": len(done), "seconds": seconds}
             if fallbacks:  # correct and slow: a user reading a long refresh should see why
                 event["fallbacks"] = fallbacks
                 log.warning(
@@ -295,18 +295,7 @@ def projected_optimizer(
     if any(p.ndim != 2 for g in projected for p in g["params"]):
         raise ConfigError(f'{origin}: a "project": True group holds a tensor that is not 2-D')
     try:  # the YAML path's checks, on the tensors given (the rank against each one's shape)
-        built.check(
-            {
-                name: tuple(p.shape)
-                for i, g in enumerate(projected)
-                for name, p in zip(
-                    g.get("param_names")
-                    or [f"group {i} tensor {j}" for j in range(len(g["params"]))],
-                    g["params"],
-                    strict=True,
-                )
-            }
-        )
+        built.check(_named_shapes(projected))
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
     common = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
@@ -316,6 +305,15 @@ def projected_optimizer(
     if plain:
         inner["adamw"] = torch.optim.AdamW(plain, **common)
     return MultiOptimizer(inner)
+
+
+def _named_shapes(groups: list[dict]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of `groups`: the group's `param_names`, else its position."""
+    shapes = {}
+    for i, g in enumerate(groups):
+        names = g.get("param_names") or [f"group {i} tensor {j}" for j in range(len(g["params"]))]
+        shapes |= {name: tuple(p.shape) for name, p in zip(names, g["params"], strict=True)}
+    return shapes
 
 
 def _groups_of_model(model: nn.Module, target: set[str]) -> list[dict]:
