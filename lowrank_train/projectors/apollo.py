@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -51,9 +51,6 @@ from lowrank_train.projectors.base import (
 )
 from lowrank_train.projectors.fira import RATIO_EPS, channel_norms, check_gamma, scale_dtype
 from lowrank_train.projectors.subspace import gaussian_basis
-
-if TYPE_CHECKING:
-    pass
 
 
 @PROJECTORS.register

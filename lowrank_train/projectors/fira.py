@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -34,9 +34,6 @@ from lowrank_train.config import knob
 from lowrank_train.errors import ConfigError
 from lowrank_train.projectors.base import PROJECTORS, State, SVDOptions, limiter_factors
 from lowrank_train.projectors.galore import SVDProjector
-
-if TYPE_CHECKING:
-    pass
 
 RATIO_EPS = 1e-8  # the codes' guard of ||R_i|| in the channel scales
 

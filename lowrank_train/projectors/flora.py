@@ -41,7 +41,7 @@ State per tensor: `row` (m,) and `col` (n,) fp32, `exp_avg` (M, D x r, in state_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -60,9 +60,6 @@ from lowrank_train.projectors.base import (
     write_moment,
 )
 from lowrank_train.projectors.subspace import gaussian_basis, side_of
-
-if TYPE_CHECKING:
-    pass
 
 PARAM_SCALE_FLOOR = 1e-3  # Adafactor's eps2: the relative step of a weight near zero
 
