@@ -8,7 +8,11 @@ MLP) to slow legacy kernels: on the H200 a bf16 linear of 2048 x 5461 at 8192 to
 and the 1B int8 profile spent 95 ms a step in sm75-era kernels. `mm` zero-pads the
 contraction and output dimensions to a multiple of ROW_ALIGN (one copy of each misaligned
 operand, and one of the output when its rows are), as pad_mm does for the dense model: zeros
-add nothing to the products.
+add nothing to the products. A transposed operand is padded as it lies, M included where M is
+its leading dimension: the weight gradient g^T x of a 5461-wide output reads g^T, whose
+leading dimension is 5461 (padding only K and N left it misaligned, and the 1B SLTrain and
+int8 profiles of 2026-12-04 spent 62 ms a step in sm75 kernels on it), and a transposing copy
+is a slow strided kernel where a plain one is a vectorized one.
 """
 
 from __future__ import annotations
@@ -26,17 +30,53 @@ def _padding(size: int) -> int:
 
 def mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
     """a @ b, contiguous (M, N), for a (M, K) and b (K, N) in any 2-D layout. `pad` (default:
-    on CUDA) zero-pads K and N to multiples of ROW_ALIGN when either is not one; a row-major
-    copy of a has ld K, of b ld N, so M never needs it."""
+    on CUDA) multiplies the `aligned_operands` copies when an operand or a dimension is
+    misaligned, and slices the product back."""
     if pad is None:
         pad = a.is_cuda
-    k, n = a.shape[1], b.shape[1]
-    if not pad or (_padding(k) == 0 and _padding(n) == 0 and _aligned(a) and _aligned(b)):
+    m, n = a.shape[0], b.shape[1]
+    if not pad or _is_aligned_product(a, b):
         return a @ b
-    a = F.pad(a, (0, _padding(k)))
-    b = F.pad(b, (0, _padding(n), 0, _padding(k)))
-    out = a @ b
-    return out[:, :n].contiguous() if _padding(n) else out
+    a_padded, b_padded = aligned_operands(a, b)
+    out = a_padded @ b_padded
+    return out[:m, :n].contiguous() if out.shape[1] != n else out[:m]
+
+
+def aligned_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero-padded copies a' (M', K'), b' (K', N') of a (M, K), b (K, N), each in its own layout
+    (a transposed view stays transposed, so the copy is a plain one, never a transpose), with
+    K' and N' multiples of ROW_ALIGN, and M' too when a is column-major (its leading dimension
+    is then M). Every leading dimension cuBLAS reads, the output's (N') included, is then
+    aligned, and (a' @ b')[:M, :N] == a @ b: the zeros add nothing. An operand that needs
+    neither padding nor a new layout is returned as it is."""
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m = _padding(m) if _column_major(a) else 0
+    return _padded(a, pad_m, _padding(k)), _padded(b, _padding(k), _padding(n))
+
+
+def _padded(t: Tensor, rows: int, cols: int) -> Tensor:
+    """t with `rows` zero rows and `cols` zero columns appended, in t's layout."""
+    if rows == 0 and cols == 0 and _aligned(t):
+        return t
+    if _column_major(t):  # pad the row-major transpose: a plain copy, whose .T is column-major
+        return _padded_row_major(t.T, cols, rows).T
+    return _padded_row_major(t, rows, cols)
+
+
+def _padded_row_major(t: Tensor, rows: int, cols: int) -> Tensor:
+    # F.pad of all-zero pads clones in the input's strides: a misaligned view would stay one
+    return F.pad(t, (0, cols, 0, rows)) if rows or cols else t.contiguous()
+
+
+def _column_major(t: Tensor) -> bool:
+    return t.stride(0) == 1 and t.stride(1) != 1
+
+
+def _is_aligned_product(a: Tensor, b: Tensor) -> bool:
+    dims_aligned = _padding(a.shape[1]) == 0 and _padding(b.shape[1]) == 0
+    # a column-major a's leading dimension is M: _aligned checks it through its stride
+    return dims_aligned and _aligned(a) and _aligned(b)
 
 
 def _aligned(t: Tensor) -> bool:
