@@ -133,12 +133,14 @@ def profile(case: dict, warm: int, steps: int) -> tuple[str, dict]:
     for name, seconds in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:40]:
         lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}  {counts[name] / steps:8.0f}")
     if cuda:  # where the host's time goes, for a GPU that waits on it
-        host: dict[str, float] = defaultdict(float)
+        # not `host`, which holds the phases the JSON reports as host_phase_ms (one variable,
+        # the rows of 2026-12-04 reported these ops there)
+        host_ops: dict[str, float] = defaultdict(float)
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CPU:
-                host[event.name] += event.self_cpu_time_total / 1e6 / steps
-        lines += ["", f"host ops by own time (total {sum(host.values()) * 1e3:.1f} ms/step)"]
-        for name, seconds in sorted(host.items(), key=lambda kv: -kv[1])[:25]:
+                host_ops[event.name] += event.self_cpu_time_total / 1e6 / steps
+        lines += ["", f"host ops by own time (total {sum(host_ops.values()) * 1e3:.1f} ms/step)"]
+        for name, seconds in sorted(host_ops.items(), key=lambda kv: -kv[1])[:25]:
             lines.append(f"{name[:60]:<60} {seconds * 1e3:8.2f}")
     metrics = {
         "wall_ms": round(wall * 1e3, 1),
