@@ -34,6 +34,10 @@ TINY = {
         "num_layers": 2,
         "num_heads": 4,
         "seq_len": 32,
+        # fp32 compute on every CPU: `auto` turns bf16 autocast on where the CPU has native bf16
+        # matmul (AMX, avx512_bf16) and off elsewhere, and the exactness tests (DDP, accumulation,
+        # per-layer against whole-model) compare fp32 sums; tests of autocast set it themselves
+        "autocast": "off",
     },
     "data": {"tokenizer": "bpe", "vocab_size": 512, "val_tokens": 4096},
     "train": {"steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2},
