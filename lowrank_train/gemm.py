@@ -24,8 +24,14 @@ from torch.nn import functional as F
 ROW_ALIGN = 8  # elements of a 2-byte dtype: 16 bytes
 
 
-def _padding(size: int) -> int:
+def padding(size: int) -> int:
+    """Zeros that take `size` to a multiple of ROW_ALIGN."""
     return -size % ROW_ALIGN
+
+
+def pads(t: Tensor) -> bool:
+    """Whether GEMMs on t's device are padded by default: on CUDA (cuBLAS's alignment)."""
+    return t.is_cuda
 
 
 def mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
@@ -33,7 +39,7 @@ def mm(a: Tensor, b: Tensor, pad: bool | None = None) -> Tensor:
     on CUDA) multiplies the `aligned_operands` copies when an operand or a dimension is
     misaligned, and slices the product back."""
     if pad is None:
-        pad = a.is_cuda
+        pad = pads(a)
     m, n = a.shape[0], b.shape[1]
     if not pad or _is_aligned_product(a, b):
         return a @ b
@@ -51,8 +57,8 @@ def aligned_operands(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     neither padding nor a new layout is returned as it is."""
     m, k = a.shape
     n = b.shape[1]
-    pad_m = _padding(m) if _column_major(a) else 0
-    return _padded(a, pad_m, _padding(k)), _padded(b, _padding(k), _padding(n))
+    pad_m = padding(m) if _column_major(a) else 0
+    return _padded(a, pad_m, padding(k)), _padded(b, padding(k), padding(n))
 
 
 def _padded(t: Tensor, rows: int, cols: int) -> Tensor:
@@ -74,7 +80,7 @@ def _column_major(t: Tensor) -> bool:
 
 
 def _is_aligned_product(a: Tensor, b: Tensor) -> bool:
-    dims_aligned = _padding(a.shape[1]) == 0 and _padding(b.shape[1]) == 0
+    dims_aligned = padding(a.shape[1]) == 0 and padding(b.shape[1]) == 0
     # a column-major a's leading dimension is M: _aligned checks it through its stride
     return dims_aligned and _aligned(a) and _aligned(b)
 
@@ -100,9 +106,9 @@ def addmm(
     before the add, against a cuBLAS fallback kernel 5-9x slower (llama_1b's 2048 x 5461
     down_proj, optimizer step profile, H200, 2026-12-02)."""
     if pad is None:
-        pad = base.is_cuda
+        pad = pads(base)
     if not pad or (
-        all(_padding(d) == 0 for d in (*a.shape, b.shape[1])) and all(map(_aligned, (base, a, b)))
+        all(padding(d) == 0 for d in (*a.shape, b.shape[1])) and all(map(_aligned, (base, a, b)))
     ):
         if inplace:
             return base.addmm_(a, b, beta=beta, alpha=alpha)

@@ -440,7 +440,11 @@ def plan_built(model, optimizer, cfg: RunConfig, precision: Precision, device: s
     during_backward = acts.total if per_layer else 0  # per-layer steps run inside backward
     # a layer's own transient (a dequantized W) exists inside its op, before the loss's
     transient = max(
-        (m.transient_bytes() for m in model.modules() if isinstance(m, ParameterizedLinear)),
+        (
+            m.transient_bytes(padded=device == "cuda")  # gemm pads on CUDA
+            for m in model.modules()
+            if isinstance(m, ParameterizedLinear)
+        ),
         default=0,
     )
     # a capture step (LoQT's merge steps) holds every layer's captured G through its forward,

@@ -5,9 +5,12 @@ without a graph break."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from lowrank_train import gemm
 from lowrank_train.kernels import ops as kernels
 from lowrank_train.parameterizations.quantized import (
     _accumulate_weight_grad,
@@ -57,6 +60,37 @@ def test_forward_grad_x_and_weight_gradient_match_float64(fmt, matmul):
     torch.testing.assert_close(buffer.double(), gw64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(6, 160), (24, 84), (6, 84)])
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_padded_dequantize_matches_float64_and_its_gemms_copy_nothing(monkeypatch, fmt, shape):
+    """Padding forced (the CUDA path) at misaligned out or in: x gets zero columns and y is
+    sliced outside the op, deq(W) is padded inside, and y, grad_x and the side buffer's
+    gradient are those of float64; every GEMM inside the op is aligned (gemm would raise)."""
+    monkeypatch.setattr(gemm, "pads", lambda t: True)
+
+    def no_copy(a, b):
+        raise AssertionError(f"a padded copy inside the op: {a.shape} {a.stride()} {b.shape}")
+
+    monkeypatch.setattr(gemm, "aligned_operands", no_copy)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.02
+    codes, scales = getattr(kernels, f"quantize_{fmt}")(w, 12)
+    deq = kernels.dequantize_int8(codes, scales, 12) if fmt == "int8" else None
+    if deq is None:
+        deq = kernels.dequantize_nf4(codes, scales, shape, 12)
+    deq = deq.double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 8, shape[1], generator=gen).requires_grad_()  # 16 tokens: aligned
+    upstream = torch.randn(2, 8, shape[0], generator=gen)
+    buffer = torch.zeros(shape)
+    y = quantized_linear(x, codes, scales, fmt, shape, 12, buffer, "dequantize")
+    assert y.shape == (2, 8, shape[0])
+    (y * upstream).sum().backward()
+    y64, gx64, gw64 = float64_reference(x, deq, upstream)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), gx64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(buffer.double(), gw64, rtol=1e-5, atol=1e-5)
+
+
 def test_micro_batches_accumulate_and_none_gives_no_weight_gradient():
     codes, scales, deq = quantized("int8")
     buffer = torch.zeros(SHAPE)
@@ -96,8 +130,10 @@ def test_ops_pass_opcheck(matmul):
     codes, scales, _ = quantized("int8")
     x = torch.randn(2, 3, SHAPE[1], requires_grad=True)
     args = (x, codes, scales, "int8", list(SHAPE), GROUP)
-    torch.library.opcheck(_quantized_linear, (*args, torch.zeros(SHAPE), matmul))
-    torch.library.opcheck(_quantized_linear, (*args, None, matmul))
+    torch.library.opcheck(_quantized_linear, (*args, torch.zeros(SHAPE), matmul, False))
+    torch.library.opcheck(_quantized_linear, (*args, None, matmul, False))
+    if matmul == "dequantize":  # the padded operands (out 6 -> 8; in 160 is aligned)
+        torch.library.opcheck(_quantized_linear, (*args, torch.zeros(SHAPE), matmul, True))
     g = torch.randn(2, 3, SHAPE[0])
     torch.library.opcheck(_accumulate_weight_grad, (torch.zeros(SHAPE), g, x.detach()))
 
@@ -168,4 +204,31 @@ def test_the_dequantized_copy_is_what_the_layer_declares_and_only_under_dequanti
     x = torch.randn(3, SHAPE[1], dtype=torch.bfloat16, requires_grad=True)
     layer(x).sum().backward()
     expected = [SHAPE[0] * SHAPE[1] * 2] * 2 if matmul == "dequantize" else []
-    assert made == expected and layer.transient_bytes() == max(expected, default=0)
+    assert made == expected and layer.transient_bytes(padded=False) == max(expected, default=0)
+
+
+def test_the_padded_copy_is_declared_where_the_device_pads(monkeypatch):
+    """Padding forced (CUDA's path): the op holds deq(W) and its padded copy at once, and the
+    layer declares both (SHAPE's out, 6, pads to 8)."""
+    from lowrank_train.parameterizations import int8
+    from lowrank_train.parameterizations import quantized as mechanism
+
+    monkeypatch.setattr(gemm, "pads", lambda t: True)
+    made = []
+    real = mechanism._padded_dequantized
+
+    def recording(codes, scales, fmt, shape, group_size, dtype, padded):
+        w = real(codes, scales, fmt, shape, group_size, dtype, padded)
+        made.append((w.numel() + (math.prod(shape) if padded else 0)) * w.element_size())
+        return w
+
+    monkeypatch.setattr(mechanism, "_padded_dequantized", recording)
+    linear = torch.nn.Linear(SHAPE[1], SHAPE[0], bias=False)
+    layer = int8.Int8(int8.Int8.Config(group_size=GROUP, matmul="dequantize")).convert(
+        linear, "layer", torch.Generator().manual_seed(0), torch.bfloat16
+    )
+    layer.writers()["weight"].acquire_grad()
+    x = torch.randn(2, 8, SHAPE[1], dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+    both = (6 * 160 + 8 * 160) * 2
+    assert made == [both, both] and layer.transient_bytes(padded=True) == both

@@ -11,6 +11,7 @@ import torch
 from projector_cases import assert_resume_is_bitwise, assert_short_run_learns, cli, final_weights
 from test_lowrank import dense_draw
 
+from lowrank_train import gemm
 from lowrank_train.models import build_model
 from lowrank_train.parameterizations import PARAMETERIZATIONS
 from lowrank_train.parameterizations.sltrain import SLTrainLinear
@@ -76,6 +77,35 @@ def test_forward_and_gradients_match_float64():
     grads = torch.autograd.grad(out, (x, layer.A, layer.B, layer.values), g)
     ref_grads = torch.autograd.grad(ref, (xr, *leaves), g)
     for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(13, 21), (16, 21), (13, 24)])
+def test_padded_path_matches_float64_and_its_gemms_copy_nothing(
+    monkeypatch, out_features, in_features
+):
+    """Padding forced (the CUDA path) at misaligned sizes: x, A get zero columns, B zero rows,
+    the indices move to the padded rows, and y, every gradient are those of float64 W. Inside
+    the ops every GEMM is then aligned: gemm never needs a padded copy (it would raise)."""
+    monkeypatch.setattr(gemm, "pads", lambda t: True)
+
+    def no_copy(a, b):
+        raise AssertionError(f"a padded copy inside the op: {a.shape} {a.stride()} {b.shape}")
+
+    monkeypatch.setattr(gemm, "aligned_operands", no_copy)
+    layer = trained_like(convert(out_features, in_features, rank=8, density=0.2)).double()
+    # 16 tokens: the weight gradient's contraction (over tokens) is aligned too
+    x = torch.randn(2, 8, in_features, dtype=torch.float64, requires_grad=True)
+    leaves = tuple(p.detach().clone().requires_grad_() for p in (layer.A, layer.B, layer.values))
+    xr = x.detach().clone().requires_grad_()
+    ref, out = xr @ reference_weight(layer, *leaves).T + layer.bias.detach(), layer(x)
+    assert out.shape == (2, 8, out_features)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, layer.A, layer.B, layer.values), g)
+    ref_grads = torch.autograd.grad(ref, (xr, *leaves), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 

@@ -107,9 +107,10 @@ class ParameterizedLinear(nn.Module):
         tensors = dict(self.named_parameters(recurse=False)) | buffers
         return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 
-    def transient_bytes(self) -> int:
+    def transient_bytes(self, padded: bool) -> int:
         """Bytes one forward or grad_x of this layer allocates beyond its output and saved set,
-        freed before it returns (e.g. a dequantized W); the planner adds the largest."""
+        freed before it returns (e.g. a dequantized W); the planner adds the largest. `padded`:
+        whether the target device pads misaligned GEMM operands (`gemm.pads`: CUDA)."""
         return 0
 
     def step_buffer_bytes(self) -> int:

@@ -91,9 +91,9 @@ class Int8Linear(ParameterizedLinear):
         )
         return y + self.bias if self.bias is not None else y
 
-    def transient_bytes(self) -> int:
+    def transient_bytes(self, padded: bool) -> int:
         shape = (self.out_features, self.in_features)
-        return dequantized_bytes(shape, self.weight_grad.dtype, self.matmul)
+        return dequantized_bytes(shape, self.weight_grad.dtype, self.matmul, padded)
 
     def _apply(self, fn, recurse=True):
         """Moving or casting the module: a released side buffer has no bytes to copy (torch

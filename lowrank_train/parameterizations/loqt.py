@@ -182,9 +182,9 @@ class LoQTLinear(ParameterizedLinear):
         self.grad_buffer = torch.zeros(shape, device=self.codes.device) if capture else None
         self.capturing.fill_(int(capture))
 
-    def transient_bytes(self) -> int:
+    def transient_bytes(self, padded: bool) -> int:
         shape = (self.out_features, self.in_features)
-        return dequantized_bytes(shape, self.factor.dtype, self.options.matmul)
+        return dequantized_bytes(shape, self.factor.dtype, self.options.matmul, padded)
 
     def step_buffer_bytes(self) -> int:
         """The fp32 captured G of a merge step (every run captures at step 0)."""

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from lowrank_train import gemm
 from lowrank_train.config import knob
@@ -57,12 +58,31 @@ def _dequantized(codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int
     return kernels.dequantize_nf4(codes, scales, shape, group_size, dtype)
 
 
+def _padded_dequantized(
+    codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, dtype, padded: bool
+) -> Tensor:
+    """deq(W), with zero rows and columns up to gemm's alignment when the operands are padded
+    (`quantized_linear`): then every GEMM of the op is aligned."""
+    w = _dequantized(codes, scales, fmt, shape, group_size, dtype)
+    if not padded:
+        return w
+    return F.pad(w, (0, gemm.padding(shape[1]), 0, gemm.padding(shape[0])))
+
+
 def _matmul(
-    x: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, matmul: str
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    fmt: str,
+    shape,
+    group_size: int,
+    matmul: str,
+    padded: bool = False,
 ) -> Tensor:
     """x deq(W)^T through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
     if matmul == "dequantize":
-        return gemm.linear(x, _dequantized(codes, scales, fmt, shape, group_size, x.dtype))
+        w = _padded_dequantized(codes, scales, fmt, shape, group_size, x.dtype, padded)
+        return gemm.linear(x, w)
     if fmt == "int8":
         return kernels.int8_matmul(x, codes, scales, group_size)
     if fmt == "int4":
@@ -73,11 +93,19 @@ def _matmul(
 
 
 def _matmul_grad_x(
-    g: Tensor, codes: Tensor, scales: Tensor, fmt: str, shape, group_size: int, matmul: str
+    g: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    fmt: str,
+    shape,
+    group_size: int,
+    matmul: str,
+    padded: bool = False,
 ) -> Tensor:
     """g deq(W) through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
     if matmul == "dequantize":
-        return gemm.matmul(g, _dequantized(codes, scales, fmt, shape, group_size, g.dtype))
+        w = _padded_dequantized(codes, scales, fmt, shape, group_size, g.dtype, padded)
+        return gemm.matmul(g, w)
     if fmt == "int8":
         return kernels.int8_matmul_grad_x(g, codes, scales, group_size)
     if fmt == "int4":
@@ -95,14 +123,16 @@ def _quantized_linear(
     group_size: int,
     grad_buffer: Tensor | None,
     matmul: str,
+    padded: bool,
 ) -> Tensor:
     # grad_buffer is an input only so that the backward can reach it; the forward reads nothing
-    return _matmul(x, codes, scales, fmt, list(shape), group_size, matmul)
+    return _matmul(x, codes, scales, fmt, list(shape), group_size, matmul, padded)
 
 
 @_quantized_linear.register_fake
-def _(x, codes, scales, fmt, shape, group_size, grad_buffer, matmul):
-    return x.new_empty((*x.shape[:-1], shape[0]))
+def _(x, codes, scales, fmt, shape, group_size, grad_buffer, matmul, padded):
+    out = shape[0] + (gemm.padding(shape[0]) if padded else 0)
+    return x.new_empty((*x.shape[:-1], out))
 
 
 @torch.library.custom_op("lowrank_train::accumulate_weight_grad", mutates_args=("grad_buffer",))
@@ -114,11 +144,15 @@ def _accumulate_weight_grad(grad_buffer: Tensor, g: Tensor, x: Tensor) -> None:
             "released (no memory): its writer's acquire_grad must run before its backward"
         )
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    out, inp = grad_buffer.shape
     aligned = all(d % gemm.ROW_ALIGN == 0 for d in grad_buffer.shape)
-    if g2.dtype == x2.dtype == grad_buffer.dtype and (aligned or not g2.is_cuda):
+    unpadded = (g2.shape[1], x2.shape[1]) == (out, inp)
+    same_dtype = g2.dtype == x2.dtype == grad_buffer.dtype
+    if unpadded and same_dtype and (aligned or not gemm.pads(g2)):
         grad_buffer.addmm_(g2.T, x2)  # accumulates in place: no (out, in) temporary
-    else:  # bf16 activations into an fp32 buffer, or misaligned rows: GEMM, then add
-        grad_buffer.add_(gemm.mm(g2.T, x2.to(g2.dtype)))
+    else:  # bf16 activations into an fp32 buffer, or padded operands: GEMM, then add
+        # (padded: g and x carry zero columns past out and in, so the product's are zero)
+        grad_buffer.add_(gemm.mm(g2.T, x2.to(g2.dtype))[:out, :inp])
 
 
 @_accumulate_weight_grad.register_fake
@@ -127,8 +161,9 @@ def _(grad_buffer, g, x):
 
 
 def _setup(ctx, inputs, output) -> None:
-    x, codes, scales, fmt, shape, group_size, grad_buffer, matmul = inputs
+    x, codes, scales, fmt, shape, group_size, grad_buffer, matmul, padded = inputs
     ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul = fmt, list(shape), group_size, matmul
+    ctx.padded = padded
     ctx.has_buffer = grad_buffer is not None
     ctx.save_for_backward(x, codes, scales, grad_buffer)
 
@@ -140,8 +175,10 @@ def _backward(ctx, g: Tensor):
         _accumulate_weight_grad(grad_buffer, g, x)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _matmul_grad_x(g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul)
-    return grad_x, None, None, None, None, None, None, None
+        grad_x = _matmul_grad_x(
+            g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul, ctx.padded
+        )
+    return grad_x, None, None, None, None, None, None, None, None
 
 
 _quantized_linear.register_autograd(_backward, setup_context=_setup)
@@ -169,10 +206,27 @@ def quantized_linear(
         raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
     if matmul not in MATMULS:
         raise ValueError(f"quantized matmul {matmul!r} is not one of {', '.join(MATMULS)}")
-    return _quantized_linear(x, codes, scales, fmt, list(shape), group_size, grad_buffer, matmul)
+    out_features, in_features = shape
+    # dequantize on a padding device with a misaligned out or in (llama_1b's 5461): x gets
+    # zero columns and y is sliced here, outside the op, where inductor fuses both into their
+    # neighbours; inside, deq(W) is padded alike, so no GEMM copies an activation (as in
+    # sparse.py; the fused kernels take any shape)
+    pad_in, pad_out = gemm.padding(in_features), gemm.padding(out_features)
+    padded = matmul == "dequantize" and gemm.pads(x) and (pad_in or pad_out) > 0
+    if padded and pad_in:
+        x = F.pad(x, (0, pad_in))
+    y = _quantized_linear(
+        x, codes, scales, fmt, list(shape), group_size, grad_buffer, matmul, padded
+    )
+    return y[..., :out_features] if padded and pad_out else y
 
 
-def dequantized_bytes(layer_shape, dtype: torch.dtype, matmul: str) -> int:
-    """Bytes the op allocates beyond its output: the dequantized W under `dequantize`."""
+def dequantized_bytes(layer_shape, dtype: torch.dtype, matmul: str, padded: bool) -> int:
+    """Bytes the op allocates beyond its output: the dequantized W under `dequantize` and,
+    where the device pads (`padded`) and out or in is misaligned, its padded copy beside it."""
     out, inp = layer_shape
-    return out * inp * dtype.itemsize if matmul == "dequantize" else 0
+    if matmul != "dequantize":
+        return 0
+    pad_out, pad_in = gemm.padding(out), gemm.padding(inp)
+    copy = (out + pad_out) * (inp + pad_in) if padded and (pad_out or pad_in) else 0
+    return (out * inp + copy) * dtype.itemsize
