@@ -362,7 +362,7 @@ def test_a_dequantizing_layer_plans_its_copy_of_w_in_forward_and_backward(tiny_r
     """weights.matmul=dequantize: the largest layer's deq(W) joins the forward phase (beside
     the activations, in place of the loss's smaller transients) and the backward."""
     base = ["weights.name=int8", "model.intermediate_size=4096"]
-    fused = plan_run(load_run(tiny_run(), base)[0], "cpu", VOCAB)
+    fused = plan_run(load_run(tiny_run(), [*base, "weights.matmul=fused"])[0], "cpu", VOCAB)
     deq = plan_run(load_run(tiny_run(), [*base, "weights.matmul=dequantize"])[0], "cpu", VOCAB)
     copy = 4096 * 64 * 4  # the largest W (the MLP's 4096 x 64) in the run's fp32
     loss = 2 * 4 * (4 * 32) * VOCAB  # eager: two fp32 T x V (batch 4, seq 32)

@@ -170,7 +170,11 @@ class Int8(Parameterization):
     @dataclass
     class Config:
         group_size: int = knob(256, "elements per fp32 scale, over the row-major flattened W")
-        matmul: Literal["fused", "dequantize"] = matmul_knob()
+        # dequantize: 1.94x the fused kernel's tok/s on llama_1b (bench_params params-1b-8,
+        # H200, 2026-12-04), where the fused INT8 kernel runs at 0.52-0.57x cuBLAS from 2,048
+        # tokens up; Q-GaLore's code dequantizes too. The 7B per-layer recipes keep fused,
+        # faster in that host-bound step (train-7b-4 and -5, 2026-12-01)
+        matmul: Literal["fused", "dequantize"] = matmul_knob("dequantize")
 
     def convert(
         self, linear: nn.Linear, name: str, gen: torch.Generator, dtype: torch.dtype
