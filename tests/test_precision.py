@@ -85,7 +85,7 @@ def test_resume_where_auto_resolves_differently_is_refused_and_names_the_overrid
     tiny_run, native_bf16, capsys
 ):
     native_bf16(False)  # trained in fp32, as auto resolves on a CPU without native bf16
-    path = tiny_run("moved", {"checkpoint": {"every": 4}})
+    path = tiny_run("moved", {"checkpoint": {"every": 4}, "model": {"autocast": "auto"}})
     assert main(["train", str(path), "--samples", "0", "train.stop_at=4"]) == 0
     capsys.readouterr()
     native_bf16(True)  # "another machine", where auto would pick bf16

@@ -69,48 +69,34 @@ def _padded_dequantized(
     return F.pad(w, (0, gemm.padding(shape[1]), 0, gemm.padding(shape[0])))
 
 
-def _matmul(
-    x: Tensor,
+def _product(
+    a: Tensor,
     codes: Tensor,
     scales: Tensor,
     fmt: str,
     shape,
     group_size: int,
     matmul: str,
-    padded: bool = False,
+    padded: bool,
+    grad_x: bool,
 ) -> Tensor:
-    """x deq(W)^T through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
+    """x deq(W)^T (a = x) or, for `grad_x`, g deq(W) (a = g): the kernels' dequant-matmul of
+    `fmt`, or deq(W) then torch's GEMM."""
     if matmul == "dequantize":
-        w = _padded_dequantized(codes, scales, fmt, shape, group_size, x.dtype, padded)
-        return gemm.linear(x, w)
+        w = _padded_dequantized(codes, scales, fmt, shape, group_size, a.dtype, padded)
+        return gemm.matmul(a, w) if grad_x else gemm.linear(a, w)
     if fmt == "int8":
-        return kernels.int8_matmul(x, codes, scales, group_size)
-    if fmt == "int4":
-        return kernels.int4_matmul(x, codes, scales, shape, group_size)
-    if fmt == "nf4":
-        return kernels.nf4_matmul(x, codes, scales, shape, group_size)
-    raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
-
-
-def _matmul_grad_x(
-    g: Tensor,
-    codes: Tensor,
-    scales: Tensor,
-    fmt: str,
-    shape,
-    group_size: int,
-    matmul: str,
-    padded: bool = False,
-) -> Tensor:
-    """g deq(W) through the kernels' dispatching op of `fmt`, or deq(W) then torch's GEMM."""
-    if matmul == "dequantize":
-        w = _padded_dequantized(codes, scales, fmt, shape, group_size, g.dtype, padded)
-        return gemm.matmul(g, w)
-    if fmt == "int8":
-        return kernels.int8_matmul_grad_x(g, codes, scales, group_size)
-    if fmt == "int4":
-        return kernels.int4_matmul_grad_x(g, codes, scales, shape, group_size)
-    return kernels.nf4_matmul_grad_x(g, codes, scales, shape, group_size)
+        op = kernels.int8_matmul_grad_x if grad_x else kernels.int8_matmul
+        return op(a, codes, scales, group_size)
+    four_bit = {
+        ("int4", False): kernels.int4_matmul,
+        ("int4", True): kernels.int4_matmul_grad_x,
+        ("nf4", False): kernels.nf4_matmul,
+        ("nf4", True): kernels.nf4_matmul_grad_x,
+    }
+    if (fmt, grad_x) not in four_bit:
+        raise ValueError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
+    return four_bit[fmt, grad_x](a, codes, scales, shape, group_size)
 
 
 @torch.library.custom_op("lowrank_train::quantized_linear", mutates_args=())
@@ -126,7 +112,7 @@ def _quantized_linear(
     padded: bool,
 ) -> Tensor:
     # grad_buffer is an input only so that the backward can reach it; the forward reads nothing
-    return _matmul(x, codes, scales, fmt, list(shape), group_size, matmul, padded)
+    return _product(x, codes, scales, fmt, list(shape), group_size, matmul, padded, False)
 
 
 @_quantized_linear.register_fake
@@ -175,8 +161,8 @@ def _backward(ctx, g: Tensor):
         _accumulate_weight_grad(grad_buffer, g, x)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = _matmul_grad_x(
-            g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul, ctx.padded
+        grad_x = _product(
+            g, codes, scales, ctx.fmt, ctx.shape, ctx.group_size, ctx.matmul, ctx.padded, True
         )
     return grad_x, None, None, None, None, None, None, None, None
 
