@@ -202,8 +202,18 @@ def test_eager_calls_skip_the_dispatcher_but_keep_its_effects(monkeypatch):
     # with grad, the op's autograd runs: grad_x = g deq(W)
     c8, s8 = R.quantize_int8(_randn(42, 64, seed=7), 16)
     x = _randn(5, 64, seed=8).requires_grad_()
-    ops.int8_matmul(x, c8, s8, 16).sum().backward()
+    mm_calls = []
+    real_mm = ops._int8_matmul.direct
+    monkeypatch.setattr(ops._int8_matmul, "direct", lambda *a: mm_calls.append(1) or real_mm(*a))
+    y = ops.int8_matmul(x, c8, s8, 16)
+    assert mm_calls == [] and y.requires_grad  # the op, so autograd records it
+    y.sum().backward()
     torch.testing.assert_close(x.grad, R.dequantize_int8(c8, s8, 16).sum(0).expand(5, -1))
+    # grad mode off (inside another op's implementation, or an optimizer step): direct, even
+    # for an argument that needs grad, since nothing would be recorded
+    with torch.no_grad():
+        y = ops.int8_matmul(x, c8, s8, 16)
+    assert mm_calls == [1] and not y.requires_grad
 
 
 def test_compile_traces_without_graph_break(monkeypatch):

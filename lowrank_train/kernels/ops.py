@@ -94,14 +94,19 @@ def _op(name: str, mutates_args=()):
 def _call(op, *args):
     """``op(*args)``, or its implementation called directly where the two are the same: not
     while torch.compile traces (the graph needs the op), under no dispatch mode (FakeTensorMode,
-    opcheck) and with no argument that needs grad (autograd needs the op's registration). The
-    dispatcher's Python hops (autograd, ADInplaceOrView, the backend wrapper) cost about 40 us a
-    call on the H200 (2026-12-01), hundreds of calls in a 7B per-layer step. Mutated arguments
-    get the version bump the op gives them, so autograd still sees the in-place change."""
+    opcheck) and not where autograd would record it (grad mode on and an argument that needs
+    grad: autograd needs the op's registration). Grad mode is off inside another custom op's
+    implementation (the quantized layers call the dequant-matmuls there, on activations that
+    need grad) and in the optimizer's step. The dispatcher's Python hops (autograd,
+    ADInplaceOrView, the backend wrapper) cost about 40 us a call on the H200 (2026-12-01),
+    hundreds of calls in a 7B per-layer step. Mutated arguments get the version bump the op
+    gives them, so autograd still sees the in-place change."""
     if (
         torch.compiler.is_compiling()
         or torch._C._len_torch_dispatch_stack()
-        or any(isinstance(a, Tensor) and a.requires_grad for a in args)
+        or (
+            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+        )
     ):
         return op(*args)
     out = op.direct(*args)
