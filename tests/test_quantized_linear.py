@@ -139,12 +139,19 @@ def test_ops_pass_opcheck(matmul):
 
 
 @pytest.mark.parametrize(
-    "backend, matmul",
-    [("aot_eager", "fused"), ("inductor", "fused"), ("aot_eager", "dequantize")],
+    "backend, matmul, padded",
+    [
+        ("aot_eager", "fused", False),
+        ("inductor", "fused", False),
+        ("aot_eager", "dequantize", False),
+        ("inductor", "dequantize", True),  # CUDA's path: x padded and y sliced outside the op
+    ],
 )
-def test_forward_and_backward_compile_without_a_graph_break(backend, matmul):
+def test_forward_and_backward_compile_without_a_graph_break(monkeypatch, backend, matmul, padded):
     """fullgraph=True raises at the first graph break; the compiled step gives the eager
-    gradients (inductor: the one inductor test of the quantized layers)."""
+    gradients (inductor: the inductor tests of the quantized layers)."""
+    if padded:
+        monkeypatch.setattr(gemm, "pads", lambda t: True)
     torch._dynamo.reset()
     codes, scales, _ = quantized("int8")
     gen = torch.Generator().manual_seed(5)

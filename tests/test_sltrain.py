@@ -140,10 +140,16 @@ def test_the_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lowrank_train.sparse_lowrank_linear.default, args)
 
 
-def test_compiles_forward_and_backward_without_a_graph_break():
-    layer = trained_like(convert(12, 20, rank=4, density=0.2))
-    x = torch.randn(3, 20, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+@pytest.mark.parametrize("backend, padded", [("aot_eager", False), ("inductor", True)])
+def test_compiles_forward_and_backward_without_a_graph_break(monkeypatch, backend, padded):
+    """padded: CUDA's path (x, A, B padded, the indices shifted, y sliced outside the ops) at
+    misaligned out and in, under inductor, which fuses them."""
+    if padded:
+        monkeypatch.setattr(gemm, "pads", lambda t: True)
+    torch._dynamo.reset()
+    layer = trained_like(convert(13, 21, rank=8, density=0.2))
+    x = torch.randn(2, 8, 21, requires_grad=True)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
     params = (x, layer.A, layer.B, layer.values)
     eager = torch.autograd.grad(layer(x).square().sum(), params)
     graph = torch.autograd.grad(compiled(x).square().sum(), params)
