@@ -24,6 +24,11 @@ VOCAB = 32000  # the benchmarks' token cache
 PRESET_SIZE = {s.preset: name for name, s in SIZES.items() if s.preset}
 
 
+# int8's weights.matmul defaulted to fused in every row up to this date (the default became
+# dequantize after the last bench call of 2026-12-04)
+INT8_FUSED_UNTIL = "2026-12-04"
+
+
 def replan(row: dict, work: Path) -> dict | None:
     """{planned, measured, ratio, phase, activations} of one measured row of ours, else None."""
     m, settings = row.get("metrics", {}), row.get("settings", {})
@@ -44,6 +49,9 @@ def replan(row: dict, work: Path) -> dict | None:
     if "embeddings_8bit" not in settings:  # rows from before the key: 32-bit embedding moments
         overrides.append("optim.embeddings_8bit=false")
     cfg, _ = load_run(path, overrides)
+    ran_matmul = any(o.startswith("weights.matmul=") for o in overrides)
+    if cfg.weights.name == "int8" and not ran_matmul and row.get("date", "") <= INT8_FUSED_UNTIL:
+        cfg, _ = load_run(path, [*overrides, "weights.matmul=fused"])  # that day's default
     plan = plan_run(cfg, "cuda", VOCAB, suggest=False)
     return {
         "model": row["case"]["model"],
